@@ -1,0 +1,3 @@
+from cryodask.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Resolution and quality measures (FSC)."""

@@ -1,0 +1,69 @@
+"""The ``cryodask`` command line: one module per subcommand.
+
+Each subcommand module has a docstring (its first line is the one-line
+description, the rest is the help text with runnable examples), an
+``add_args(parser)`` and a ``main(args)``. Heavy imports live inside ``main``
+so that ``cryodask --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cryodask.errors import UserError
+
+#: subcommand name -> module. Add a line here for a new subcommand.
+COMMANDS: dict[str, str] = {
+    "import": "cryodask.cli.import_particles",
+    "simulate": "cryodask.cli.simulate",
+    "project": "cryodask.cli.project",
+    "reconstruct": "cryodask.cli.reconstruct",
+    "demo": "cryodask.cli.demo",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(COMMANDS[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryodask",
+        description="Cryo-EM single-particle refinement as Dask task graphs; reads and writes RELION's files.",
+    )
+    from cryodask import __version__
+
+    parser.add_argument("--version", action="version", version=f"cryodask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = _load(name)
+        except ModuleNotFoundError as exc:  # a subcommand still being written
+            if exc.name != COMMANDS[name]:
+                raise
+            continue
+        doc = (module.__doc__ or name).strip()
+        summary = doc.splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cryodask``; returns the exit status (2 for user errors, without a traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args._main(args)
+    except UserError as exc:
+        print(f"cryodask: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cryodask: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)

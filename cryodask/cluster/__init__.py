@@ -1,0 +1,1 @@
+"""Where the work runs: local and SLURM clusters, GPU assignment, node-local scratch."""

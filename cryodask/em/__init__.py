@@ -1,0 +1,1 @@
+"""The expectation-maximisation machinery: scoring (E-step) and reconstruction (M-step)."""

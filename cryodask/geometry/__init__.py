@@ -1,0 +1,1 @@
+"""Orientations, sampling grids, translations and point-group symmetry."""

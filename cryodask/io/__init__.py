@@ -1,0 +1,1 @@
+"""Reading and writing RELION's files (STAR, MRC) and the Zarr particle store."""

@@ -1,0 +1,1 @@
+"""Array operations on images and maps: CTF, projection, backprojection, filters."""
