@@ -409,7 +409,7 @@ def read_images(
 
     # Pass 1: headers only, so size problems are found before anything is read.
     infos: dict[str, StackInfo] = {}
-    box: tuple[int, int, int] | None = None  # (size, position, ...) of the first image
+    box: tuple[int, int] | None = None  # (box size, position of the first image)
     for stack, members in groups.items():
         i0 = members[0][0]
         path, tried = _resolve(stack, bases)
