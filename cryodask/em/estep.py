@@ -1,0 +1,994 @@
+"""The E-step scoring kernel: RELION's squared differences, posterior weights and M-step sums as GEMMs.
+
+Everything here works on plain arrays for one particle chunk (and, for the scoring
+functions, one class: the caller loops over classes and stacks the results along the
+orientation axis, see :func:`score_two_pass`). NumPy arrays compute on the CPU, CuPy
+arrays on the GPU (:func:`cryodask.backend.array_module`); there are no Python loops
+over particles, orientations or translations.
+
+Notation (RELION, ``reference/relion-algorithm.md`` §1.3-1.5)
+----------------------------------------------------------------
+``i`` particle, ``r`` orientation, ``t`` translation, ``k`` a Fourier pixel of the
+current window, flattened (the caller picks the pixels: Hermitian half, inside
+``current_size``). ``X_i^t`` is the (masked) particle FT shifted by ``-t``, ``P_r`` the
+central slice, ``A = s · CTF_i · P_r`` the expected image, ``inv_sigma2`` RELION's
+``Minvsigma2`` (``0`` at ``k = 0`` and outside the window)::
+
+    diff2(i,r,t) = Σ_k m_k |A(k) − X_i^t(k)|² · inv_sigma2(k) / 2        (+ highres_Xi2_i / 2)
+                 = Σ_k m_k |X_i(k)|² inv_sigma2 / 2                       constant per particle
+                 + Σ_k [m_k s² CTF² inv_sigma2 / 2] · |P_r(k)|²             GEMM  N_i × K × N_r
+                 − Σ_k Re([m_k s CTF inv_sigma2 X_i^t(k)] · conj P_r(k))    GEMM  (N_i·N_t) × 2K × N_r
+
+The last GEMM is real: a complex array viewed as ``float`` has its real and imaginary
+parts interleaved, and the dot product of two such rows is ``Re(a · conj b)``, so it
+runs as one SGEMM/DGEMM with no copies of the projections.
+
+Multiplicity ``m_k`` (the rule used here)
+-----------------------------------------
+RELION sums ``diff2`` over the elements of its Hermitian-half array, each counted
+**once** (``ml_optimiser.cpp``: ``diff2 += |Frefctf − Fimg_shift|² · Minvsigma2`` over
+``n < exp_current_Fsize2``, then ``/2``; the source comments that the factor 2 is the
+Gaussian's, "NOT because of 2-dimensionality of the complex plane"). So the default,
+``multiplicity=None``, is ``m_k = 1`` for every pixel: RELION parity. Note that on the
+``x = 0`` column both ``(0, y)`` and its Friedel mate ``(0, −y)`` are stored, so RELION
+effectively double-counts that column relative to the independent pixels.
+
+:func:`hermitian_multiplicity` with ``rule="full"`` gives ``m = 2`` for ``0 < kx < N/2``
+and ``1`` on the ``kx = 0`` and Nyquist columns; with it, ``diff2`` equals the sum over
+every pixel of the full (non-Hermitian-reduced) transform inside a centrosymmetric
+window, which is tested against a full-plane brute force. The multiplicity enters the
+likelihood only (``diff2``, cross-correlation, ``log_sigma2_term``); the M-step sums are
+per stored pixel, as RELION's backprojection and σ² bins are.
+
+Precision
+---------
+float32 by default (``double=True`` for float64). The per-particle constant is large
+and common to every pose, so the scoring functions can leave it out
+(``include_constant=False``) and report it separately (:attr:`ScoringTerms.constant`,
+float64): the weights only need ``diff2 − min diff2``, which float32 then resolves to
+the GEMMs' own rounding, and the log-likelihood adds the constant back in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from cryodask.backend import array_module, complex_dtype, real_dtype
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+#: RELION sets a weight to zero when ``diff2 − min diff2`` exceeds this (``convertAllSquaredDifferencesToWeights``).
+MAX_EXPONENT = 700.0
+#: Default memory budget (bytes) for one orientation block's GEMM output.
+DEFAULT_BLOCK_BYTES = 1 << 27
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+def _real_view(a: Array) -> Array:
+    """A C-contiguous complex (n, K) array as real (n, 2K), real and imaginary parts interleaved (no copy)."""
+    xp = array_module(a)
+    a = xp.ascontiguousarray(a)
+    rdt = np.float64 if a.dtype == np.complex128 else np.float32
+    try:
+        return a.view(rdt)
+    except (ValueError, TypeError):  # older CuPy: no itemsize-changing views
+        return xp.stack([a.real, a.imag], axis=-1).reshape(a.shape[:-1] + (2 * a.shape[-1],))
+
+
+def _complex_view(a: Array) -> Array:
+    """Inverse of :func:`_real_view`: real (n, 2K) interleaved → complex (n, K)."""
+    xp = array_module(a)
+    a = xp.ascontiguousarray(a)
+    cdt = np.complex128 if a.dtype == np.float64 else np.complex64
+    try:
+        return a.view(cdt)
+    except (ValueError, TypeError):
+        pairs = a.reshape(a.shape[:-1] + (a.shape[-1] // 2, 2))
+        return (pairs[..., 0] + 1j * pairs[..., 1]).astype(cdt)
+
+
+def _abs2(a: Array) -> Array:
+    return a.real * a.real + a.imag * a.imag
+
+
+def _per_particle(value: Any, n: int, xp: Any, dtype: Any) -> Array:
+    """Scalar or (n,) → (n, 1) array (a per-particle factor broadcast over pixels)."""
+    v = xp.asarray(value, dtype=dtype)
+    if v.ndim == 0:
+        return xp.full((n, 1), v, dtype=dtype)
+    if v.shape != (n,):
+        raise ValueError(f"expected a scalar or shape ({n},), got {tuple(v.shape)}")
+    return v.reshape(n, 1)
+
+
+def _per_pixel(value: Any, n: int, k: int, xp: Any, dtype: Any, name: str) -> Array:
+    """(K,) or (N_i, K) → array broadcastable to (N_i, K)."""
+    v = xp.asarray(value, dtype=dtype)
+    if v.shape == (k,):
+        return v.reshape(1, k)
+    if v.shape == (n, k):
+        return v
+    raise ValueError(f"{name}: expected shape ({k},) or ({n}, {k}), got {tuple(v.shape)}")
+
+
+def _multiplicity(multiplicity: Any, k: int, xp: Any, dtype: Any) -> Array:
+    if multiplicity is None:
+        return xp.ones((1, k), dtype=dtype)
+    m = xp.asarray(multiplicity, dtype=dtype)
+    if m.shape != (k,):
+        raise ValueError(f"multiplicity: expected shape ({k},), got {tuple(m.shape)}")
+    return m.reshape(1, k)
+
+
+def hermitian_multiplicity(kx: Any, box: int, rule: str = "relion") -> Array:
+    """How many pixels of the full transform each stored Hermitian-half pixel stands for.
+
+    Parameters
+    ----------
+    kx : array of int
+        x frequency index (0 … box//2) of each stored pixel.
+    box : int
+        Side of the (windowed) image the half transform belongs to.
+    rule : {"relion", "full"}
+        ``"relion"``: 1 everywhere (what RELION's ``diff2`` sums; the default of every
+        function here). ``"full"``: 2 for ``0 < kx < box/2``, 1 on the ``kx = 0`` and
+        Nyquist columns, which turns the half-plane sum into the full-plane sum.
+    """
+    xp = array_module(kx)
+    kx = xp.asarray(kx)
+    if rule == "relion":
+        return xp.ones(kx.shape, dtype=np.float64)
+    if rule == "full":
+        return xp.where((kx > 0) & (2 * kx != box), 2.0, 1.0)
+    raise ValueError(f"rule must be 'relion' or 'full', not {rule!r}")
+
+
+def inv_sigma2_from_sigma2(sigma2: Any) -> Array:
+    """RELION's ``Minvsigma2``: ``1/σ²``, and 0 where σ² is 0, negative, infinite or NaN (pixel left out)."""
+    xp = array_module(sigma2)
+    s = xp.asarray(sigma2)
+    good = xp.isfinite(s) & (s > 0)
+    return xp.where(good, 1.0 / xp.where(good, s, 1.0), 0.0).astype(s.dtype if s.dtype.kind == "f" else np.float64)
+
+
+def log_sigma2_term(inv_sigma2: Any, multiplicity: Any = None) -> Array:
+    """``Σ_k m_k log(2π σ²(k))`` over the pixels that count (``inv_sigma2 > 0``), per particle, float64.
+
+    This is the normalisation RELION subtracts in ``rlnLogLikeliContribution``
+    (``logsigma2`` in ``storeWeightedSums``; origin and out-of-window pixels excluded).
+    ``inv_sigma2`` is (K,) or (N_i, K); the result is () or (N_i,).
+    """
+    xp = array_module(inv_sigma2)
+    v = xp.asarray(inv_sigma2, dtype=np.float64)
+    m = 1.0 if multiplicity is None else xp.asarray(multiplicity, dtype=np.float64)
+    good = v > 0
+    terms = xp.where(good, m * xp.log(2.0 * np.pi / xp.where(good, v, 1.0)), 0.0)
+    return terms.sum(axis=-1)
+
+
+def phase_ramps(freqs: Any, translations: Any, box: int, *, double: bool = False) -> Array:
+    """Fourier factors that move an image by ``−t``: ``exp(+2πi k·t / box)``, shape (N_t, K).
+
+    ``freqs`` (K, d) holds the integer frequency (kx, ky[, kz]) of each pixel and
+    ``translations`` (N_t, d) the shifts in pixels, in the same axis order. Multiplying a
+    particle's FT by row ``t`` gives the FT of the particle shifted by ``−t``, which is
+    what RELION scores for translation ``t`` (``shiftImageInFourierTransform(..., −t)``),
+    i.e. ``fft(np.roll(img, -t))`` for integer ``t``.
+    """
+    xp = array_module(freqs, translations)
+    f = xp.asarray(freqs, dtype=np.float64)
+    t = xp.asarray(translations, dtype=np.float64)
+    if f.ndim == 1:
+        f = f[:, None]
+    if t.ndim == 1:
+        t = t[:, None]
+    phase = (2.0 * np.pi / box) * (t @ f.T)
+    return xp.exp(1j * phase).astype(complex_dtype(double))
+
+
+def precompute_shifted(X: Any, ramps: Any, *, double: bool = False) -> Array:
+    """All shifted particle images ``X_i^t = X_i · ramp_t``, shape (N_i·N_t, K), particle-major.
+
+    Row ``i·N_t + t`` is particle ``i`` shifted by ``−t``. Computed once per chunk and image
+    size, then reused for every class and orientation block.
+    """
+    xp = array_module(X, ramps)
+    cdt = complex_dtype(double)
+    X = xp.asarray(X, dtype=cdt)
+    ramps = xp.asarray(ramps, dtype=cdt)
+    n_i, k = X.shape
+    return (X[:, None, :] * ramps[None, :, :]).reshape(n_i * ramps.shape[0], k)
+
+
+def offset_prior_diff2(translations: Any, old_offsets: Any, prior_offsets: Any = None, *,
+                       angpix: float = 1.0) -> Array:
+    """``|t_old + t − prior|² · angpix²`` per particle and translation, (N_i, N_t), float64.
+
+    ``translations`` (N_t, d) and the offsets (N_i, d) in pixels; the prior centre is 0
+    when ``prior_offsets`` is None. The Gaussian translation prior is then
+    ``log p = −offset_prior_diff2 / (2 σ²_offset)`` (σ in Å, RELION ≥ 3.1), and the same
+    array weighted by the posterior gives the σ²_offset sum (:func:`mstep_sums`).
+    """
+    xp = array_module(translations, old_offsets)
+    t = xp.asarray(translations, dtype=np.float64)
+    old = xp.asarray(old_offsets, dtype=np.float64)
+    prior = xp.zeros_like(old) if prior_offsets is None else xp.asarray(prior_offsets, dtype=np.float64)
+    d = old[:, None, :] + t[None, :, :] - prior[:, None, :]
+    return (d * d).sum(axis=-1) * angpix * angpix
+
+
+def gaussian_log_prior_trans(translations: Any, old_offsets: Any, prior_offsets: Any = None, *,
+                             sigma_offset: float, angpix: float = 1.0) -> Array:
+    """RELION's translation log-prior ``−|t_old + t − prior|² apix² / (2 σ²_offset)``, (N_i, N_t).
+
+    As in RELION, σ²_offset < 0.0001 Å² makes the prior a hard one: 0 at the prior centre,
+    ``−inf`` elsewhere.
+    """
+    xp = array_module(translations, old_offsets)
+    d2 = offset_prior_diff2(translations, old_offsets, prior_offsets, angpix=angpix)
+    s2 = float(sigma_offset) ** 2
+    if s2 < 1e-4:
+        return xp.where(d2 > 0, -np.inf, 0.0)
+    return -d2 / (2.0 * s2)
+
+
+# ----------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoringTerms:
+    """The projection-independent factors of ``diff2`` for one chunk at one image size.
+
+    Built by :func:`scoring_terms` once per chunk and reused for every class and
+    orientation block.
+
+    Attributes
+    ----------
+    cross : (N_i·N_t, K) complex
+        ``m s CTF inv_sigma2 · X_i^t`` (``ml``) or ``m CTF · X_i^t`` (``cc``).
+    power : (N_i, K) real
+        ``m s² CTF² inv_sigma2 / 2`` (``ml``) or ``m CTF²`` (``cc``).
+    constant : (N_i,) float64
+        ``Σ m |X_i|² inv_sigma2 / 2 + highres_Xi2 / 2`` (``ml``; 0 for ``cc``).
+    sqrt_xi2 : (N_i,) real
+        ``sqrt(Σ m |X_i|²)`` (``cc`` only; RELION's ``exp_local_sqrtXi2``).
+    n_trans : int
+    mode : {"ml", "cc"}
+    """
+
+    cross: Array
+    power: Array
+    constant: Array
+    n_trans: int
+    mode: str = "ml"
+    sqrt_xi2: Array | None = None
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.power.shape[0])
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.power.shape[1])
+
+    def select_translations(self, index: Any) -> ScoringTerms:
+        """The same terms restricted to the translations ``index`` (in the given order)."""
+        xp = array_module(self.cross)
+        index = xp.asarray(index, dtype=np.int64)
+        n_i, k = self.power.shape
+        cross = self.cross.reshape(n_i, self.n_trans, k)[:, index, :].reshape(n_i * int(index.shape[0]), k)
+        return replace(self, cross=xp.ascontiguousarray(cross), n_trans=int(index.shape[0]))
+
+
+def scoring_terms(X_shifted: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int, scale: Any = 1.0,
+                  multiplicity: Any = None, highres_Xi2: Any = None, mode: str = "ml",
+                  double: bool = False) -> ScoringTerms:
+    """Prepare a chunk for scoring (see :class:`ScoringTerms`).
+
+    Parameters
+    ----------
+    X_shifted : (N_i·N_t, K) complex
+        Masked particle FTs shifted by ``−t`` (:func:`precompute_shifted`), particle-major.
+        The shifts must be pure phase ramps (``|X_i^t| = |X_i|``), so the constant term is
+        taken from each particle's first translation.
+    ctf : (N_i, K) real
+        CTF per pixel (ones without ``--ctf``).
+    inv_sigma2 : (K,) or (N_i, K) real
+        ``1/σ²`` per pixel, 0 at ``k = 0`` and outside the window (:func:`inv_sigma2_from_sigma2`).
+        Ignored in ``cc`` mode.
+    n_trans : int
+        Translations per particle ``N_t``.
+    scale : float or (N_i,)
+        Intensity scale ``s`` of each particle's group (ignored in ``cc`` mode, where it cancels).
+    multiplicity : (K,), optional
+        ``m_k``; default 1 (RELION's half-plane sum, see the module docstring).
+    highres_Xi2 : (N_i,), optional
+        RELION's ``exp_highres_Xi2_img`` (``Σ |X|²/σ²`` beyond the window); adds ``highres_Xi2/2``.
+    mode : {"ml", "cc"}
+        ``"cc"`` for ``--firstiter_cc`` / ``--always_cc``.
+    double : bool
+        float64 instead of float32.
+    """
+    if mode not in ("ml", "cc"):
+        raise ValueError(f"mode must be 'ml' or 'cc', not {mode!r}")
+    xp = array_module(X_shifted, ctf)
+    rdt, cdt = real_dtype(double), complex_dtype(double)
+    X_shifted = xp.asarray(X_shifted, dtype=cdt)
+    n_rows, k = X_shifted.shape
+    if n_rows % n_trans:
+        raise ValueError(f"X_shifted has {n_rows} rows, not a multiple of n_trans={n_trans}")
+    n_i = n_rows // n_trans
+    ctf = _per_pixel(ctf, n_i, k, xp, rdt, "ctf")
+    m = _multiplicity(multiplicity, k, xp, rdt)
+    X3 = X_shifted.reshape(n_i, n_trans, k)
+    X0 = X3[:, 0, :]
+
+    if mode == "cc":
+        w = m * ctf
+        cross = (X3 * w[:, None, :]).reshape(n_rows, k)
+        power = xp.ascontiguousarray(xp.broadcast_to(m * ctf * ctf, (n_i, k)), dtype=rdt)
+        xi2 = (m.astype(np.float64) * _abs2(X0.astype(np.complex128))).sum(axis=1)
+        return ScoringTerms(cross=xp.ascontiguousarray(cross), power=power,
+                            constant=xp.zeros(n_i, dtype=np.float64), n_trans=n_trans, mode="cc",
+                            sqrt_xi2=xp.sqrt(xi2).astype(rdt))
+
+    s = _per_particle(scale, n_i, xp, rdt)
+    isg = _per_pixel(inv_sigma2, n_i, k, xp, rdt, "inv_sigma2")
+    w = m * s * ctf * isg
+    cross = (X3 * w[:, None, :]).reshape(n_rows, k)
+    power = xp.ascontiguousarray(xp.broadcast_to(0.5 * m * s * s * ctf * ctf * isg, (n_i, k)), dtype=rdt)
+    # The constant in float64: it is large and only its sum matters.
+    const = 0.5 * (m.astype(np.float64) * isg.astype(np.float64) * _abs2(X0.astype(np.complex128))).sum(axis=1)
+    if highres_Xi2 is not None:
+        const = const + 0.5 * xp.asarray(highres_Xi2, dtype=np.float64)
+    return ScoringTerms(cross=xp.ascontiguousarray(cross), power=power, constant=const,
+                        n_trans=n_trans, mode="ml")
+
+
+def _orientation_block(n_rows: int, n_orient: int, itemsize: int, block_bytes: int) -> int:
+    # At least 64 orientations per GEMM so BLAS stays efficient, at most what fits the budget.
+    return int(max(1, min(n_orient, max(64, block_bytes // max(1, n_rows * itemsize)))))
+
+
+def score_terms(terms: ScoringTerms, P: Any, *, include_constant: bool = True, out: Any = None,
+                block_bytes: int = DEFAULT_BLOCK_BYTES) -> Array:
+    """``diff2`` (N_i, N_r, N_t) of prepared terms against projections ``P`` (N_r, K).
+
+    ``ml`` mode: RELION's squared difference; ``cc`` mode: ``−Re⟨A,X⟩/(‖A‖‖X‖)``.
+    The orientation axis is processed in blocks whose GEMM output stays within
+    ``block_bytes``. ``out`` (any (N_i, N_r, N_t) real view, e.g. a slice of a stack of
+    classes) receives the result.
+    """
+    xp = array_module(terms.cross, P)
+    cdt = terms.cross.dtype
+    rdt = terms.power.dtype
+    P = xp.ascontiguousarray(xp.asarray(P, dtype=cdt))
+    n_r, k = P.shape
+    if k != terms.n_pixels:
+        raise ValueError(f"projections have {k} pixels, the images {terms.n_pixels}")
+    n_i, n_t = terms.n_particles, terms.n_trans
+    if out is None:
+        out = xp.empty((n_i, n_r, n_t), dtype=rdt)
+    elif tuple(out.shape) != (n_i, n_r, n_t):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n_i, n_r, n_t)}")
+    G = _real_view(terms.cross)  # (N_i·N_t, 2K)
+    nb = _orientation_block(G.shape[0], n_r, rdt.itemsize, block_bytes)
+    if terms.mode == "ml" and include_constant:
+        const = terms.constant.astype(rdt)[:, None, None]
+    else:
+        const = None
+    for r0 in range(0, n_r, nb):
+        r1 = min(n_r, r0 + nb)
+        Pb = P[r0:r1]
+        a2 = terms.power @ _abs2(Pb).T  # (N_i, nb)
+        cross = (G @ _real_view(Pb).T).reshape(n_i, n_t, r1 - r0).transpose(0, 2, 1)
+        if terms.mode == "ml":
+            blk = a2[:, :, None] - cross
+            if const is not None:
+                blk += const
+        else:
+            denom = xp.sqrt(xp.maximum(a2, 0)) * terms.sqrt_xi2[:, None]
+            denom = xp.where(denom > 0, denom, xp.inf)  # an all-zero reference correlates with nothing
+            blk = -cross / denom[:, :, None]
+        out[:, r0:r1, :] = blk
+    return out
+
+
+def squared_differences(X_shifted: Any, P: Any, *, ctf: Any = None, inv_sigma2: Any = None,
+                        n_trans: int | None = None, scale: Any = 1.0, multiplicity: Any = None,
+                        highres_Xi2: Any = None, include_constant: bool = True, double: bool = False,
+                        out: Any = None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Array:
+    """RELION's ``diff2`` for every (particle, orientation, translation), shape (N_i, N_r, N_t).
+
+    ``diff2(i,r,t) = Σ_k m_k |s_i CTF_i(k) P_r(k) − X_i^t(k)|² inv_sigma2_i(k) / 2 + highres_Xi2_i / 2``,
+    computed as two GEMMs (see the module docstring). ``X_shifted`` may also be a
+    :class:`ScoringTerms` (then the image arguments are not needed). With
+    ``include_constant=False`` the per-particle constant (``ScoringTerms.constant``) is
+    left out, which keeps float32 results exact enough for the weights.
+    """
+    if isinstance(X_shifted, ScoringTerms):
+        terms = X_shifted
+    else:
+        if ctf is None or inv_sigma2 is None or n_trans is None:
+            raise TypeError("squared_differences needs ctf, inv_sigma2 and n_trans with raw images")
+        terms = scoring_terms(X_shifted, ctf=ctf, inv_sigma2=inv_sigma2, n_trans=n_trans, scale=scale,
+                              multiplicity=multiplicity, highres_Xi2=highres_Xi2, double=double)
+    if terms.mode != "ml":
+        raise ValueError("these terms were prepared for cross-correlation; use cross_correlation")
+    return score_terms(terms, P, include_constant=include_constant, out=out, block_bytes=block_bytes)
+
+
+def cross_correlation(X_shifted: Any, P: Any, *, ctf: Any = None, n_trans: int | None = None,
+                      multiplicity: Any = None, double: bool = False, out: Any = None,
+                      block_bytes: int = DEFAULT_BLOCK_BYTES) -> Array:
+    """``--firstiter_cc`` scores: ``diff2 = −Re⟨CTF·P, X^t⟩ / (‖CTF·P‖ ‖X‖)``, shape (N_i, N_r, N_t).
+
+    Sums run over the K given pixels weighted by ``m_k``, without σ² (RELION's
+    ``do_firstiter_cc`` branch of ``getAllSquaredDifferences``; the scale cancels).
+    ``X_shifted`` may be :class:`ScoringTerms` prepared with ``mode="cc"``.
+    """
+    if isinstance(X_shifted, ScoringTerms):
+        terms = X_shifted
+    else:
+        if ctf is None or n_trans is None:
+            raise TypeError("cross_correlation needs ctf and n_trans with raw images")
+        terms = scoring_terms(X_shifted, ctf=ctf, inv_sigma2=1.0, n_trans=n_trans,
+                              multiplicity=multiplicity, mode="cc", double=double)
+    if terms.mode != "cc":
+        raise ValueError("these terms were prepared for maximum likelihood; use squared_differences")
+    return score_terms(terms, P, out=out, block_bytes=block_bytes)
+
+
+# ----------------------------------------------------------------------------------------
+# weights and significance
+# ----------------------------------------------------------------------------------------
+def significant_coarse(weights: Any, adaptive_fraction: float = 0.999, maxsig: int = -1,
+                       ) -> tuple[Array, Array, Array]:
+    """RELION's significance rule, per particle (first axis).
+
+    Walk the positive weights from the largest down, taking each one, until the running
+    sum exceeds ``adaptive_fraction`` × the total; with ``maxsig > 0`` the threshold stops
+    moving after ``maxsig`` samples. Every sample with weight ≥ the last one taken is
+    significant.
+
+    Returns
+    -------
+    mask : bool, shape of ``weights``
+    n_significant : (N_i,) int
+        The number of samples taken (RELION's ``rlnNrOfSignificantSamples``; ties with the
+        threshold can make ``mask`` hold a few more).
+    threshold : (N_i,) the significant weight (0 where a particle has no positive weight).
+
+    Notes
+    -----
+    Only a prefix of each particle's descending order is sorted: a weight below
+    ``(1 − fraction)·total / M`` (``M`` samples) can never be taken, because all such
+    weights together hold less than the ``1 − fraction`` that is left out. The prefix is
+    made with ``partition`` and sorted, so the cost is O(M) plus a sort of the candidates.
+    """
+    xp = array_module(weights)
+    n = int(weights.shape[0])
+    w = weights.reshape(n, -1)
+    M = int(w.shape[1])
+    frac = float(adaptive_fraction)
+    total = w.sum(axis=1, dtype=np.float64)
+    npos = (w > 0).sum(axis=1)
+    cut = (0.5 * max(0.0, 1.0 - frac) / M) * total  # 0.5: margin against rounding
+    ncand = (w >= cut[:, None].astype(w.dtype)).sum(axis=1)
+    c = max(1, int(ncand.max()) if n else 1)
+    if maxsig > 0:
+        c = min(c, int(maxsig))
+    c = min(c, M)
+
+    def _taken(width: int, rows: Any) -> tuple[Any, Any, Any]:
+        """Descending top-`width` of the given rows, how many are taken, whether the walk stopped."""
+        ww = w if rows is None else w[rows]
+        tot = total if rows is None else total[rows]
+        npos_r = npos if rows is None else npos[rows]
+        top = ww if width >= M else xp.partition(ww, M - width, axis=1)[:, M - width:]
+        top = xp.sort(top, axis=1)[:, ::-1]
+        csum = xp.cumsum(top.astype(np.float64), axis=1)
+        exceed = csum > frac * tot[:, None]
+        has = exceed.any(axis=1)
+        n_taken = xp.where(has, xp.argmax(exceed, axis=1) + 1, width)
+        if maxsig > 0:
+            n_taken = xp.minimum(n_taken, int(maxsig))
+        n_taken = xp.minimum(n_taken, xp.maximum(npos_r, 1))  # positive weights only (RELION filters > 0)
+        thr = top[xp.arange(top.shape[0]), n_taken - 1].astype(np.float64)
+        return n_taken, thr, has
+
+    n_taken, threshold, has = _taken(c, None)
+    capped = maxsig > 0 and c >= maxsig
+    if c < M and not capped and bool((~has).any()):
+        # The walk did not stop inside the prefix (rounding only): redo those rows with a full sort.
+        ridx = xp.nonzero(~has)[0]
+        nt_full, thr_full, _ = _taken(M, ridx)
+        n_taken[ridx] = nt_full
+        threshold[ridx] = thr_full
+    threshold = xp.where(npos > 0, threshold, 0.0)
+    thr = threshold.astype(w.dtype).reshape((n,) + (1,) * (weights.ndim - 1))
+    mask = (weights >= thr) & (weights > 0)
+    n_sig = xp.where(npos > 0, n_taken, 0).astype(np.int64)
+    return mask, n_sig, threshold
+
+
+@dataclass
+class Posterior:
+    """Normalised posterior over one chunk's sampled poses (from :func:`posterior_weights`).
+
+    Attributes
+    ----------
+    weights : (N_i, N_r, N_t)
+        Normalised (each particle sums to 1 over everything scored).
+    significant : (N_i, N_r, N_t) bool
+        RELION's significant samples; the M-step uses ``weights`` only where this is True.
+    significant_weight : (N_i,) the weight threshold.
+    n_significant : (N_i,) int
+    pmax : (N_i,) largest normalised weight (``rlnMaxValueProbDistribution``).
+    best_orientation, best_translation : (N_i,) int, the pose of ``pmax``.
+    min_diff2 : (N_i,) float64, including ``diff2_offset``.
+    log_sum_weight : (N_i,) float64, ``log Σ_φ π(φ) exp(−(diff2 − min diff2))``.
+    log_likelihood : (N_i,) float64, ``log_sum_weight − min_diff2 − logsigma2``
+        (``rlnLogLikeliContribution``; ``−min_diff2`` in ``cc`` mode).
+    failed : (N_i,) bool, particles with no finite, positive weight (RELION's
+        "zero sum of weights"); their weights are 0. The caller decides (RELION stops; its
+        GPU fail-safe mode tolerates a few).
+    """
+
+    weights: Array
+    significant: Array
+    significant_weight: Array
+    n_significant: Array
+    pmax: Array
+    best_orientation: Array
+    best_translation: Array
+    min_diff2: Array
+    log_sum_weight: Array
+    log_likelihood: Array
+    failed: Array
+
+
+def _log_prior(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any, log_prior_trans: Any,
+               orient_class: Any, dtype: Any) -> Array | None:
+    n_i, n_r, n_t = shape
+    lp = None
+    if log_prior_orient is not None:
+        lpo = xp.asarray(log_prior_orient, dtype=dtype)
+        if lpo.shape == (n_r,):
+            lp = lpo[None, :, None]
+        elif lpo.shape == (n_i, n_r):
+            lp = lpo[:, :, None]
+        else:
+            raise ValueError(f"log_prior_orient: expected ({n_r},) or ({n_i}, {n_r}), got {tuple(lpo.shape)}")
+    if log_prior_trans is not None:
+        lpt = xp.asarray(log_prior_trans, dtype=dtype)
+        if lpt.shape == (n_t,):
+            lpt = lpt[None, None, :]
+        elif lpt.shape == (n_i, n_t):
+            lpt = lpt[:, None, :]
+        elif lpt.ndim == 3 and lpt.shape[0] == n_i and lpt.shape[2] == n_t:
+            if orient_class is None:
+                raise ValueError("a per-class log_prior_trans (N_i, C, N_t) needs orient_class")
+            lpt = lpt[:, xp.asarray(orient_class), :]
+        else:
+            raise ValueError(f"log_prior_trans: expected ({n_t},), ({n_i}, {n_t}) or ({n_i}, C, {n_t}), "
+                             f"got {tuple(lpt.shape)}")
+        lp = lpt if lp is None else lp + lpt
+    return lp
+
+
+def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_trans: Any = None,
+                      orient_class: Any = None, adaptive_fraction: float = 0.999, maxsig: int = -1,
+                      mode: str = "ml", diff2_offset: Any = None, logsigma2: Any = None) -> Posterior:
+    """RELION's ``convertAllSquaredDifferencesToWeights`` for one chunk.
+
+    ``w = π(r) · p(t) · exp(−(diff2 − min diff2))`` (0 where the exponent exceeds 700),
+    normalised per particle, then the significance rule (:func:`significant_coarse`).
+    Normalisation is over everything in ``diff2``: stack all classes along the
+    orientation axis (the class prior goes into ``log_prior_orient``).
+
+    Parameters
+    ----------
+    diff2 : (N_i, N_r, N_t)
+        ``+inf`` marks samples that were not evaluated (e.g. non-significant in a fine pass).
+    log_prior_orient : (N_r,) or (N_i, N_r), optional
+        ``log π``; ``−inf`` for orientations outside a local search.
+    log_prior_trans : (N_t,), (N_i, N_t) or (N_i, C, N_t), optional
+        ``log p(t)`` (:func:`gaussian_log_prior_trans`); the 3-D form (2D classification,
+        per-class prior centres) needs ``orient_class`` (N_r,) mapping orientation → class.
+    adaptive_fraction, maxsig
+        ``--adaptive_fraction``, ``--maxsig``.
+    mode : {"ml", "cc"}
+        ``"cc"``: hard assignment to the smallest diff2 (weight 1), priors ignored, as
+        RELION does with ``--firstiter_cc``.
+    diff2_offset : (N_i,), optional
+        Constant left out of ``diff2`` (``ScoringTerms.constant``), added to ``min_diff2``.
+    logsigma2 : (N_i,) or scalar, optional
+        :func:`log_sigma2_term`, subtracted in the log-likelihood.
+
+    Notes
+    -----
+    ``min diff2`` is taken over samples with a finite diff2 and a non-zero prior (RELION
+    only scores orientations with a non-zero prior). Before ``exp`` the log-weights are
+    shifted by their per-particle maximum, so the largest weight is 1 and no prior can
+    make them overflow or all underflow; the shift is undone in ``log_sum_weight``.
+    """
+    xp = array_module(diff2)
+    if diff2.ndim != 3:
+        raise ValueError(f"diff2 must be (N_i, N_r, N_t), got shape {tuple(diff2.shape)}")
+    n_i, n_r, n_t = (int(s) for s in diff2.shape)
+    dt = diff2.dtype
+    lp = _log_prior(xp, (n_i, n_r, n_t), log_prior_orient, log_prior_trans, orient_class, dt)
+    valid = xp.isfinite(diff2)
+    if lp is not None:
+        valid &= xp.isfinite(lp)
+    d = xp.where(valid, diff2, xp.inf)
+    min_rel = d.reshape(n_i, -1).min(axis=1)
+    failed = ~xp.isfinite(min_rel)
+    offset = xp.zeros(n_i, dtype=np.float64) if diff2_offset is None else xp.asarray(diff2_offset, dtype=np.float64)
+    min_diff2 = min_rel.astype(np.float64) + offset
+    safe_min = xp.where(failed, 0, min_rel).astype(dt)
+
+    if mode == "cc":
+        flat = d.reshape(n_i, -1)
+        best = xp.argmin(flat, axis=1)
+        w = xp.zeros((n_i, n_r * n_t), dtype=dt)
+        w[xp.arange(n_i), best] = 1
+        w[failed] = 0
+        w = w.reshape(n_i, n_r, n_t)
+        sig = w > 0
+        ones = xp.where(failed, 0.0, 1.0)
+        return Posterior(weights=w, significant=sig, significant_weight=ones,
+                         n_significant=(~failed).astype(np.int64), pmax=ones,
+                         best_orientation=best // n_t, best_translation=best % n_t,
+                         min_diff2=min_diff2, log_sum_weight=xp.zeros(n_i, dtype=np.float64),
+                         log_likelihood=-min_diff2, failed=failed)
+    if mode != "ml":
+        raise ValueError(f"mode must be 'ml' or 'cc', not {mode!r}")
+
+    # In place where possible: diff2-sized temporaries dominate the chunk's memory.
+    lw = d - safe_min[:, None, None]  # ≥ 0 or inf
+    drop = ~valid | (lw > MAX_EXPONENT)
+    xp.negative(lw, out=lw)
+    if lp is not None:
+        lw += lp
+    lw[drop] = -xp.inf
+    top = lw.reshape(n_i, -1).max(axis=1)
+    failed |= ~xp.isfinite(top)
+    top = xp.where(failed, 0, top)
+    lw -= top.astype(dt)[:, None, None]
+    w = xp.exp(lw, out=lw)
+    s = w.reshape(n_i, -1).sum(axis=1, dtype=np.float64)
+    failed |= ~(s > 0)
+    s = xp.where(failed, 1.0, s)
+    w *= (1.0 / s).astype(dt)[:, None, None]
+    w[failed] = 0
+    log_sum = top.astype(np.float64) + xp.log(s)
+    ll = log_sum - min_diff2
+    if logsigma2 is not None:
+        ll = ll - xp.asarray(logsigma2, dtype=np.float64)
+    sig, n_sig, thr = significant_coarse(w, adaptive_fraction, maxsig)
+    flat = w.reshape(n_i, -1)
+    best = xp.argmax(flat, axis=1)
+    pmax = flat[xp.arange(n_i), best].astype(np.float64)
+    return Posterior(weights=w, significant=sig, significant_weight=thr, n_significant=n_sig, pmax=pmax,
+                     best_orientation=best // n_t, best_translation=best % n_t, min_diff2=min_diff2,
+                     log_sum_weight=log_sum, log_likelihood=ll, failed=failed)
+
+
+# ----------------------------------------------------------------------------------------
+# M-step sums
+# ----------------------------------------------------------------------------------------
+@dataclass
+class MStepSums:
+    """One chunk's (and one class's) contribution to the M-step.
+
+    Attributes
+    ----------
+    orientations : (n,) int
+        Orientations (indices into the ``P`` given) that received weight; ``data`` and
+        ``weight`` have one row per entry, to be inserted as slices.
+    data : (n, K) complex, ``Σ_{i,t} w · s·CTF·X^t·inv_sigma2`` (unmasked images).
+    weight : (n, K) real, ``Σ_{i,t} w · s²·CTF²·inv_sigma2``.
+    sigma2_noise : (n_groups, K), ``Σ w |X^t − s·CTF·P|²`` (masked images), per pixel, to be
+        binned by resolution shell.
+    signal_product : (n_groups, K), ``Σ w Re(X^t · conj A)`` with ``A = s·CTF·P`` (scale correction "XA").
+    reference_power : (n_groups, K), ``Σ w |A|²`` ("AA").
+    wdiff2 : (N_i,), ``Σ_k Σ_{r,t} w |X^t − A|²`` per particle (norm correction, before adding
+        the high-resolution power).
+    sum_weight : (N_i,), ``Σ_{r,t} w`` per particle (this class's share).
+    orientation_weight : (N_r,), ``Σ_{i,t} w`` (direction prior sums after mapping r → direction).
+    translation_weight : (N_i, N_t), ``Σ_r w`` (per-class prior offsets in 2D).
+    group_weight : (n_groups,), ``Σ w`` per group (``sumw_group``).
+    class_weight : float, ``Σ w``.
+    sigma2_offset : float, ``Σ w · offset_diff2`` (0 when ``offset_diff2`` is not given).
+    """
+
+    orientations: Array
+    data: Array
+    weight: Array
+    sigma2_noise: Array
+    signal_product: Array
+    reference_power: Array
+    wdiff2: Array
+    sum_weight: Array
+    orientation_weight: Array
+    translation_weight: Array
+    group_weight: Array
+    class_weight: float
+    sigma2_offset: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int,
+               scale: Any = 1.0, X_shifted_masked: Any = None, significant: Any = None,
+               group: Any = None, n_groups: int = 1, offset_diff2: Any = None,
+               double: bool = False) -> MStepSums:
+    """Weighted sums of one chunk for one class (RELION's ``storeWeightedSums``), as GEMMs.
+
+    Parameters
+    ----------
+    weights : (N_i, N_r, N_t)
+        Normalised posterior (:attr:`Posterior.weights`, this class's orientation range).
+    X_shifted : (N_i·N_t, K) complex
+        **Unmasked** shifted images (what RELION backprojects).
+    P : (N_r, K) complex
+        The projections the weights refer to.
+    ctf : (N_i, K); inv_sigma2 : (K,) or (N_i, K)
+        ``inv_sigma2`` as the M-step wants it: RELION puts ``1/σ²(0)`` back at the origin
+        here, and uses 1 everywhere without ``do_map``.
+    scale : float or (N_i,)
+    X_shifted_masked : (N_i·N_t, K), optional
+        Masked shifted images for the noise and scale sums (default: ``X_shifted``).
+    significant : (N_i, N_r, N_t) bool, optional
+        Only these samples are accumulated (RELION: ``w ≥ significant_weight``).
+    group, n_groups
+        Group index (N_i,) of each particle for the per-group noise and scale sums (all 0 by default).
+    offset_diff2 : (N_i, N_t), optional
+        :func:`offset_prior_diff2` (Å²), for the σ²_offset sum.
+
+    Notes
+    -----
+    Only orientations and (particle, translation) pairs with non-zero weight enter the
+    two large GEMMs (data: ``(n × N_i·N_t)·(N_i·N_t × K)``; expected projections
+    ``Q = Σ_r w P_r``: ``(N_i·N_t × n)·(n × K)``), so their cost follows the significant
+    samples, not the full grid. No multiplicity enters: the sums are per stored pixel.
+    """
+    xp = array_module(weights, X_shifted, P)
+    rdt, cdt = real_dtype(double), complex_dtype(double)
+    w = xp.asarray(weights, dtype=rdt)
+    if significant is not None:
+        w = xp.where(xp.asarray(significant), w, 0)
+    n_i, n_r, n_t = (int(s) for s in w.shape)
+    if n_t != n_trans:
+        raise ValueError(f"weights have {n_t} translations, n_trans is {n_trans}")
+    X = xp.asarray(X_shifted, dtype=cdt)
+    Xm = X if X_shifted_masked is None else xp.asarray(X_shifted_masked, dtype=cdt)
+    P = xp.ascontiguousarray(xp.asarray(P, dtype=cdt))
+    k = int(X.shape[1])
+    ctf = _per_pixel(ctf, n_i, k, xp, rdt, "ctf")
+    isg = _per_pixel(inv_sigma2, n_i, k, xp, rdt, "inv_sigma2")
+    s = _per_particle(scale, n_i, xp, rdt)
+
+    sum_weight = w.sum(axis=(1, 2), dtype=np.float64)
+    orient_w = w.sum(axis=(0, 2), dtype=np.float64)
+    trans_w = w.sum(axis=1)  # (N_i, N_t)
+    act = xp.nonzero(orient_w > 0)[0]
+    cols = xp.nonzero(trans_w.reshape(-1) > 0)[0]
+    n_act = int(act.shape[0])
+
+    Wa = w[:, act, :]  # (N_i, n, N_t)
+    Wmat = xp.ascontiguousarray(Wa.transpose(1, 0, 2).reshape(n_act, n_i * n_t)[:, cols])
+    W_ir = Wa.sum(axis=2)  # (N_i, n)
+    Pa = xp.ascontiguousarray(P[act])
+
+    # backprojection slices
+    f = s * ctf * isg
+    Y = (X.reshape(n_i, n_t, k) * f[:, None, :]).reshape(n_i * n_t, k)[cols]
+    data = _complex_view(Wmat @ _real_view(Y))
+    weight = W_ir.T @ xp.broadcast_to(s * s * ctf * ctf * isg, (n_i, k))
+
+    # noise / scale / norm sums: expected projection per (i, t), then per-pixel products
+    Q = _complex_view(Wmat.T @ _real_view(Pa))  # (n_cols, K) = Σ_r w_irt P_r
+    xq = xp.zeros((n_i * n_t, k), dtype=rdt)
+    Xm_c = Xm[cols]
+    xq[cols] = Xm_c.real * Q.real + Xm_c.imag * Q.imag
+    sc = s * ctf
+    XA = sc * xq.reshape(n_i, n_t, k).sum(axis=1)
+    AA = sc * sc * (W_ir @ _abs2(Pa))
+    XX = (trans_w[:, :, None] * _abs2(Xm).reshape(n_i, n_t, k)).sum(axis=1)
+    wd = XX - 2 * XA + AA  # (N_i, K)
+
+    if group is None:
+        onehot = xp.ones((1, n_i), dtype=rdt)
+        if n_groups != 1:
+            onehot = xp.concatenate([onehot, xp.zeros((n_groups - 1, n_i), dtype=rdt)])
+    else:
+        g = xp.asarray(group, dtype=np.int64)
+        onehot = (g[None, :] == xp.arange(n_groups)[:, None]).astype(rdt)
+    sig_off = 0.0
+    if offset_diff2 is not None:
+        sig_off = float((trans_w.astype(np.float64) * xp.asarray(offset_diff2, dtype=np.float64)).sum())
+    return MStepSums(orientations=act, data=data, weight=weight, sigma2_noise=onehot @ wd,
+                     signal_product=onehot @ XA, reference_power=onehot @ AA,
+                     wdiff2=wd.sum(axis=1, dtype=np.float64), sum_weight=sum_weight,
+                     orientation_weight=orient_w, translation_weight=trans_w,
+                     group_weight=onehot.astype(np.float64) @ sum_weight,
+                     class_weight=float(sum_weight.sum()), sigma2_offset=sig_off)
+
+
+# ----------------------------------------------------------------------------------------
+# two-pass driver (adaptive oversampling)
+# ----------------------------------------------------------------------------------------
+@dataclass
+class FineClass:
+    """The fine-pass orientations of one class: ``weights[:, start:start+n]`` belong to it."""
+
+    class_index: int
+    orientations: Array  # (n,) fine orientation indices: coarse r · n_over_rot + child
+    projections: Array  # (n, K_fine)
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + int(self.orientations.shape[0])
+
+
+@dataclass
+class TwoPassResult:
+    """Output of :func:`score_two_pass`.
+
+    ``fine`` is the posterior over the fine samples evaluated: the orientation axis is the
+    concatenation of ``classes[c].orientations`` and the translation axis is
+    ``fine_translations`` (fine translation indices: coarse t · n_over_trans + child).
+    Samples whose coarse parent was not significant have weight 0. ``coarse`` is the first
+    pass (its ``n_significant`` is RELION's ``rlnNrOfSignificantSamples``).
+    """
+
+    coarse: Posterior
+    fine: Posterior
+    classes: list[FineClass]
+    fine_translations: Array
+    n_over_rot: int
+    n_over_trans: int
+
+    def best_pose(self) -> tuple[Array, Array, Array]:
+        """(class, fine orientation index, fine translation index) of each particle's largest weight."""
+        xp = array_module(self.fine.best_orientation)
+        cls = xp.zeros_like(self.fine.best_orientation)
+        orient = xp.zeros_like(self.fine.best_orientation)
+        for c in self.classes:
+            inside = (self.fine.best_orientation >= c.start) & (self.fine.best_orientation < c.stop)
+            if c.stop > c.start:
+                local = xp.clip(self.fine.best_orientation - c.start, 0, c.stop - c.start - 1)
+                orient = xp.where(inside, c.orientations[local], orient)
+            cls = xp.where(inside, c.class_index, cls)
+        return cls, orient, self.fine_translations[self.fine.best_translation]
+
+    def class_weights(self, c: int) -> tuple[Array, Array]:
+        """(weights, significant) of class ``c``'s fine orientations, for :func:`mstep_sums`."""
+        fc = self.classes[c]
+        return self.fine.weights[:, fc.start:fc.stop, :], self.fine.significant[:, fc.start:fc.stop, :]
+
+
+def _class_priors(xp: Any, lp: Any, n_i: int, n_class: int, n_orient: int) -> Any:
+    if lp is None:
+        return None
+    lp = xp.asarray(lp)
+    if lp.shape == (n_class, n_orient):
+        return lp.reshape(n_class * n_orient)
+    if lp.shape == (n_i, n_class, n_orient):
+        return lp.reshape(n_i, n_class * n_orient)
+    raise ValueError(f"log_prior_orient: expected ({n_class}, {n_orient}) or ({n_i}, {n_class}, {n_orient}), "
+                     f"got {tuple(lp.shape)}")
+
+
+def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: Sequence[Any],
+                   fine_projector: Callable[[int, Any], Any], *, n_over_rot: int, n_over_trans: int,
+                   log_prior_orient: Any = None, log_prior_trans: Any = None,
+                   adaptive_fraction: float = 0.999, maxsig: int = -1, logsigma2: Any = None,
+                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> TwoPassResult:
+    """RELION's adaptive oversampling for one chunk over all classes: coarse pass → significance → fine pass.
+
+    Parameters
+    ----------
+    coarse : ScoringTerms
+        Images at ``coarse_size`` with the N_tc coarse translations.
+    fine : ScoringTerms
+        Images at ``current_size`` with the oversampled translations, ordered coarse-major:
+        fine translation ``t_c · n_over_trans + u`` is child ``u`` of coarse ``t_c``.
+    coarse_projections : sequence of (N_rc, K_coarse)
+        One stack per class, the same N_rc coarse orientations for every class.
+    fine_projector : callable ``(class_index, fine_orientation_indices) -> (n, K_fine)``
+        Projects the oversampled orientations ``r_c · n_over_rot + j`` (child ``j`` of coarse
+        ``r_c``; RELION's order) at ``current_size``. Only orientations below a significant
+        coarse one are requested.
+    n_over_rot, n_over_trans : int
+        Children per coarse orientation (``2^(3·os)`` in 3D) and translation (``2^(2·os)`` in 2D images).
+    log_prior_orient : (C, N_rc) or (N_i, C, N_rc), optional
+        ``log π(class, orientation)`` on the coarse grid (class prior included).
+    log_prior_trans : (N_tc,), (N_i, N_tc) or (N_i, C, N_tc), optional
+        On the coarse grid. As in RELION, children inherit their coarse parent's priors.
+    adaptive_fraction, maxsig, logsigma2
+        As in :func:`posterior_weights` (the fine pass applies the same fraction again;
+        ``maxsig`` only limits the coarse pass, as in RELION).
+
+    Notes
+    -----
+    The fine pass is one dense GEMM per class over the *union* of the chunk's significant
+    coarse orientations (expanded to their children) and the union of significant coarse
+    translations; samples outside a particle's own significant set are then masked
+    (diff2 = +inf). That keeps the work in large GEMMs, at the price of scoring pairs no
+    particle needs when the particles of a chunk disagree (early iterations, or chunks
+    mixing very different views): the cost is ``|union| / mean(|own set|)`` times the
+    minimum. Sorting particles into chunks by their previous pose keeps the union small.
+    """
+    xp = array_module(coarse.cross)
+    if coarse.mode != fine.mode:
+        raise ValueError("coarse and fine terms must use the same mode")
+    n_class = len(coarse_projections)
+    if n_class == 0:
+        raise ValueError("no classes")
+    n_i, n_tc = coarse.n_particles, coarse.n_trans
+    if fine.n_particles != n_i or fine.n_trans != n_tc * n_over_trans:
+        raise ValueError(f"fine terms must hold {n_i} particles × {n_tc * n_over_trans} translations")
+    n_rc = int(coarse_projections[0].shape[0])
+    if any(int(p.shape[0]) != n_rc for p in coarse_projections):
+        raise ValueError("every class needs the same number of coarse orientations")
+    rdt = coarse.power.dtype
+    orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
+    lpo = _class_priors(xp, log_prior_orient, n_i, n_class, n_rc)
+
+    # ---- pass 0: coarse
+    diff2 = xp.empty((n_i, n_class * n_rc, n_tc), dtype=rdt)
+    for c, Pc in enumerate(coarse_projections):
+        score_terms(coarse, Pc, include_constant=False, out=diff2[:, c * n_rc:(c + 1) * n_rc, :],
+                    block_bytes=block_bytes)
+    post_c = posterior_weights(diff2, log_prior_orient=lpo, log_prior_trans=log_prior_trans,
+                               orient_class=orient_class_c, adaptive_fraction=adaptive_fraction,
+                               maxsig=maxsig, mode=coarse.mode, diff2_offset=coarse.constant,
+                               logsigma2=logsigma2)
+    del diff2
+    sig = post_c.significant
+    rows = xp.nonzero(sig.any(axis=(0, 2)))[0]  # union of significant (class, orientation)
+    tcs = xp.nonzero(sig.any(axis=(0, 1)))[0]  # union of significant coarse translations
+    child_t = xp.arange(n_over_trans)
+    fine_t = (tcs[:, None] * n_over_trans + child_t[None, :]).reshape(-1)
+    fine_sub = fine.select_translations(fine_t)
+
+    # ---- pass 1: fine, dense over the unions, then masked
+    classes: list[FineClass] = []
+    start = 0
+    child_r = xp.arange(n_over_rot)
+    for c in range(n_class):
+        rc = rows[(rows >= c * n_rc) & (rows < (c + 1) * n_rc)] - c * n_rc
+        orient = (rc[:, None] * n_over_rot + child_r[None, :]).reshape(-1)
+        proj = fine_projector(c, orient) if orient.shape[0] else xp.zeros((0, fine.n_pixels), dtype=fine.cross.dtype)
+        classes.append(FineClass(class_index=c, orientations=orient, projections=proj, start=start))
+        start += int(orient.shape[0])
+    diff2 = xp.empty((n_i, start, int(fine_t.shape[0])), dtype=rdt)
+    for fc in classes:
+        if fc.stop > fc.start:
+            score_terms(fine_sub, fc.projections, include_constant=False,
+                        out=diff2[:, fc.start:fc.stop, :], block_bytes=block_bytes)
+    parent = sig[:, rows, :][:, :, tcs]
+    valid = xp.repeat(xp.repeat(parent, n_over_rot, axis=1), n_over_trans, axis=2)
+    diff2[~valid] = xp.inf
+    lpo_f = None
+    if lpo is not None:
+        lpo_f = xp.repeat(lpo[..., rows], n_over_rot, axis=-1)
+    lpt_f = None
+    if log_prior_trans is not None:
+        lpt_f = xp.repeat(xp.asarray(log_prior_trans)[..., tcs], n_over_trans, axis=-1)
+    orient_class_f = xp.repeat(orient_class_c[rows], n_over_rot)
+    post_f = posterior_weights(diff2, log_prior_orient=lpo_f, log_prior_trans=lpt_f,
+                               orient_class=orient_class_f, adaptive_fraction=adaptive_fraction,
+                               maxsig=-1, mode=fine.mode, diff2_offset=fine.constant, logsigma2=logsigma2)
+    return TwoPassResult(coarse=post_c, fine=post_f, classes=classes, fine_translations=fine_t,
+                         n_over_rot=n_over_rot, n_over_trans=n_over_trans)
