@@ -388,15 +388,16 @@ def score_terms(terms: ScoringTerms, P: Any, *, include_constant: bool = True, o
         Pb = P[r0:r1]
         a2 = terms.power @ _abs2(Pb).T  # (N_i, nb)
         cross = (G @ _real_view(Pb).T).reshape(n_i, n_t, r1 - r0).transpose(0, 2, 1)
+        dest = out[:, r0:r1, :]
         if terms.mode == "ml":
-            blk = a2[:, :, None] - cross
+            xp.subtract(a2[:, :, None], cross, out=dest)  # one pass, no block-sized temporary
             if const is not None:
-                blk += const
+                dest += const
         else:
             denom = xp.sqrt(xp.maximum(a2, 0)) * terms.sqrt_xi2[:, None]
             denom = xp.where(denom > 0, denom, xp.inf)  # an all-zero reference correlates with nothing
-            blk = -cross / denom[:, :, None]
-        out[:, r0:r1, :] = blk
+            xp.divide(cross, denom[:, :, None], out=dest)
+            xp.negative(dest, out=dest)
     return out
 
 
@@ -726,6 +727,22 @@ class MStepSums:
     extra: dict = field(default_factory=dict)
 
 
+def _segment_sum(values: Array, pid: Array, n: int) -> Array:
+    """Sum the rows of ``values`` per particle: ``out[p] = Σ_{j: pid[j] = p} values[j]`` (``pid`` non-decreasing)."""
+    xp = array_module(values)
+    out = xp.zeros((n,) + tuple(values.shape[1:]), dtype=values.dtype)
+    if values.shape[0] == 0:
+        return out
+    if xp is np:
+        starts = np.flatnonzero(np.r_[True, pid[1:] != pid[:-1]])
+        out[pid[starts]] = np.add.reduceat(values, starts, axis=0)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(out, pid, values)
+    return out
+
+
 def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int,
                scale: Any = 1.0, X_shifted_masked: Any = None, significant: Any = None,
                group: Any = None, n_groups: int = 1, offset_diff2: Any = None,
@@ -776,11 +793,12 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     isg = _per_pixel(inv_sigma2, n_i, k, xp, rdt, "inv_sigma2")
     s = _per_particle(scale, n_i, xp, rdt)
 
-    sum_weight = w.sum(axis=(1, 2), dtype=np.float64)
-    orient_w = w.sum(axis=(0, 2), dtype=np.float64)
     trans_w = w.sum(axis=1)  # (N_i, N_t)
+    sum_weight = trans_w.sum(axis=1, dtype=np.float64)
+    orient_w = w.sum(axis=(0, 2), dtype=np.float64)
     act = xp.nonzero(orient_w > 0)[0]
-    cols = xp.nonzero(trans_w.reshape(-1) > 0)[0]
+    cols = xp.nonzero(trans_w.reshape(-1) > 0)[0]  # sorted, so particle ids below are non-decreasing
+    pid = cols // n_t
     n_act = int(act.shape[0])
 
     Wa = w[:, act, :]  # (N_i, n, N_t)
@@ -789,20 +807,18 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     Pa = xp.ascontiguousarray(P[act])
 
     # backprojection slices
-    f = s * ctf * isg
-    Y = (X.reshape(n_i, n_t, k) * f[:, None, :]).reshape(n_i * n_t, k)[cols]
+    f = xp.broadcast_to(s * ctf * isg, (n_i, k))
+    Y = X[cols] * f[pid]
     data = _complex_view(Wmat @ _real_view(Y))
     weight = W_ir.T @ xp.broadcast_to(s * s * ctf * ctf * isg, (n_i, k))
 
     # noise / scale / norm sums: expected projection per (i, t), then per-pixel products
     Q = _complex_view(Wmat.T @ _real_view(Pa))  # (n_cols, K) = Σ_r w_irt P_r
-    xq = xp.zeros((n_i * n_t, k), dtype=rdt)
     Xm_c = Xm[cols]
-    xq[cols] = Xm_c.real * Q.real + Xm_c.imag * Q.imag
     sc = s * ctf
-    XA = sc * xq.reshape(n_i, n_t, k).sum(axis=1)
+    XA = sc * _segment_sum(Xm_c.real * Q.real + Xm_c.imag * Q.imag, pid, n_i)
     AA = sc * sc * (W_ir @ _abs2(Pa))
-    XX = (trans_w[:, :, None] * _abs2(Xm).reshape(n_i, n_t, k)).sum(axis=1)
+    XX = _segment_sum(trans_w.reshape(-1)[cols][:, None] * _abs2(Xm_c), pid, n_i)
     wd = XX - 2 * XA + AA  # (N_i, K)
 
     if group is None:
