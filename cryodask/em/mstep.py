@@ -180,8 +180,11 @@ def _gridding_weights(bp: BackProjector, w: Any, n_iter: int, blob: dict[str, An
     k = np.where(k < m // 2, k, k - m).astype(np.float64)
     rr = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
     ftblob = blob_fourier_profile(xp.asarray(rr / (bp.ori_size * bp.pad)), **blob)
+    # FFTs in the accumulators' precision; the weights themselves stay float64 as in RELION
+    cdtype = np.complex128 if bp.weight.dtype == np.float64 else np.complex64
+    ftblob = ftblob.astype(bp.weight.dtype)
     for _ in range(n_iter):
-        conv = (fnew * fweight).astype(np.complex128)
+        conv = (fnew * fweight).astype(cdtype)
         real = backend.irfftn(conv, (m, m, m), axes=(0, 1, 2))
         conv = backend.rfftn(real * ftblob, axes=(0, 1, 2))
         fnew = xp.where(inner, fnew / xp.maximum(xp.abs(conv), 1e-6), fnew)

@@ -1,0 +1,257 @@
+"""Reconstruction: recovery of maps from noiseless projections, regularisation formulas, RELION parity."""
+
+from __future__ import annotations
+
+import subprocess
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryodask import backend
+from cryodask.analysis.fsc import fsc
+from cryodask.em.mstep import (blob_fourier_profile, data_vs_prior, reconstruct, reconstruction_sigma2,
+                               tau2_from_fsc)
+from cryodask.geometry.euler import euler_to_matrix
+from cryodask.ops.backproject import BackProjector
+from cryodask.ops.ctf import ctf_2d
+from cryodask.ops.filters import phase_shift
+from cryodask.ops.project import Projector
+
+
+def blob_phantom(box: int, rng: np.random.Generator, n_blobs: int = 8) -> np.ndarray:
+    c = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    vol = np.zeros((box,) * 3)
+    for _ in range(n_blobs):
+        cen = rng.uniform(-box / 5, box / 5, 3)
+        s = rng.uniform(box / 40, box / 20)
+        vol += rng.uniform(0.5, 1.5) * np.exp(-((x - cen[0]) ** 2 + (y - cen[1]) ** 2 + (z - cen[2]) ** 2) / (2 * s * s))
+    return vol.astype(np.float32)
+
+
+def random_angles(n: int, rng: np.random.Generator) -> np.ndarray:
+    rot, psi = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
+    tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, n)))
+    return np.stack([rot, tilt, psi], axis=1)
+
+
+def rotations(angles: np.ndarray) -> np.ndarray:
+    return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+
+
+def backproject_projections(vol: np.ndarray, rots: np.ndarray, *, ctf=None, pad: int = 2) -> BackProjector:
+    slices = Projector.from_map(vol, pad=pad).project(rots)
+    bp = BackProjector.zeros(vol.shape[0], pad=pad)
+    if ctf is None:
+        bp.insert(slices, rots)
+    else:
+        bp.insert(slices * ctf * ctf, rots, weights=ctf * ctf)  # images carry one CTF; data += CTF·X
+    return bp
+
+
+def min_fsc_to(curve: np.ndarray, box: int, fraction: float = 0.9) -> float:
+    return float(curve[: int(fraction * box / 2) + 1].min())
+
+
+@pytest.mark.parametrize("skip_gridding", [True, False])
+def test_phantom_recovered_from_noiseless_projections(rng, skip_gridding):
+    box = 48
+    vol = blob_phantom(box, rng)
+    bp = backproject_projections(vol, rotations(random_angles(3000, rng)))
+    rec = bp.reconstruct(skip_gridding=skip_gridding)
+    assert rec.shape == vol.shape and rec.dtype == np.float32
+    curve = fsc(rec, vol)
+    assert min_fsc_to(curve, box) >= 0.95, curve
+    # the amplitude comes back too (shells 1..20 within 3 %)
+    fr, fv = np.fft.rfftn(rec), np.fft.rfftn(vol)
+    ratio = np.real(np.vdot(fv, fr)) / np.real(np.vdot(fv, fv))
+    assert 0.9 < ratio < 1.1
+
+
+def test_pad1_also_works(rng):
+    box = 48
+    vol = blob_phantom(box, rng)
+    rec = backproject_projections(vol, rotations(random_angles(2000, rng)), pad=1).reconstruct()
+    assert min_fsc_to(fsc(rec, vol), box, 0.8) >= 0.95
+
+
+@pytest.mark.slow
+def test_real_map_recovered(shared_data, rng):
+    vol = mrcfile.read(shared_data / "maps" / "cryodrgn_hand-vol.mrc").astype(np.float32)
+    box = vol.shape[0]
+    bp = backproject_projections(vol, rotations(random_angles(5000, rng)))
+    for kw in (dict(), dict(skip_gridding=False)):
+        curve = fsc(bp.reconstruct(**kw), vol)
+        assert min_fsc_to(curve, box) >= 0.95, (kw, curve)
+
+
+def test_ctf_weighting_recovers_map(rng):
+    box, apix = 48, 1.5
+    vol = blob_phantom(box, rng)
+    n = 2500
+    du = rng.uniform(8000, 25000, n)
+    ctf = ctf_2d(box, apix, defocus_u=du, defocus_v=du - rng.uniform(0, 800, n),
+                 defocus_angle=rng.uniform(0, 180, n), voltage=300, cs=2.7, amplitude_contrast=0.1)
+    rec = backproject_projections(vol, rotations(random_angles(n, rng)), ctf=ctf).reconstruct()
+    assert min_fsc_to(fsc(rec, vol), box) >= 0.95
+
+
+def test_symmetry_uses_every_copy(rng):
+    """A C4 map from few views: reconstructing with C4 beats C1 and matches inserting the copies."""
+    box = 32
+    c = np.arange(box) - box // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    vol = np.zeros((box,) * 3)
+    for _ in range(3):  # each blob and its copies turned by 90, 180, 270 deg about z (about voxel box//2)
+        bx, by, bz = rng.uniform(-6, 6, 3)
+        s = rng.uniform(1.0, 2.0)
+        for cx, cy in ((bx, by), (-by, bx), (-bx, -by), (by, -bx)):
+            vol += np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - bz) ** 2) / (2 * s * s))
+    rots = rotations(random_angles(40, rng))
+    bp = backproject_projections(vol.astype(np.float32), rots)
+    c1 = fsc(bp.reconstruct(), vol)
+    c4 = fsc(bp.reconstruct(sym="C4"), vol)
+    assert c4[2:14].mean() > c1[2:14].mean() + 0.02
+    assert min_fsc_to(c4, box, 0.8) >= 0.9
+
+
+def _uniform_bp(box: int, w0: float, vol: np.ndarray) -> BackProjector:
+    """Accumulators with weight w0 everywhere inside R and data = w0 · (the map's padded transform)."""
+    proj = Projector.from_map(vol, do_gridding=False, double=True)
+    bp = BackProjector.zeros(box, double=True)
+    inside = np.broadcast_to(bp.radius2() <= bp.radius ** 2, bp.weight.shape)
+    bp.weight[inside] = w0
+    bp.data[...] = w0 * proj.data
+    bp.is_symmetrised = True  # already Hermitian: it came from a real map
+    return bp
+
+
+def test_regularisation_formula(rng):
+    """W = w + 1/(pad³·T·τ²) for shells >= minres_map: exactly a per-shell scaling of the data."""
+    box = 32
+    vol = rng.standard_normal((box,) * 3)
+    w0, fudge, t = 1.0, 2.0, 1.0 / 8.0  # 1/(8·2·1/8) = 0.5, so W = 1.5 beyond shell 5
+    bp = _uniform_bp(box, w0, vol)
+    tau2 = np.full(box // 2 + 1, t)
+    reg = reconstruct(bp, tau2=tau2, tau2_fudge=fudge, minres_map=5, weight_floor=False)
+    # same thing built by hand: low shells unchanged, the rest scaled by w0 / (w0 + 0.5)
+    shell = np.floor(np.sqrt(bp.radius2()) / bp.pad + 0.5)
+    inner = np.broadcast_to((shell >= 5) & (bp.radius2() < bp.radius ** 2), bp.data.shape)
+    by_hand = bp.copy()
+    by_hand.data = np.where(inner, bp.data * (w0 / (w0 + 0.5)), bp.data)
+    assert np.allclose(reg, reconstruct(by_hand, weight_floor=False), atol=1e-10)
+    # huge tau2 changes nothing; tau2 = 0 divides the data by 1001 (1/(0.001·w))
+    plain = reconstruct(bp, weight_floor=False)
+    assert np.allclose(reconstruct(bp, tau2=np.full(box // 2 + 1, 1e15), weight_floor=False), plain, atol=1e-9)
+    zero = reconstruct(bp, tau2=np.zeros(box // 2 + 1), minres_map=5, weight_floor=False)
+    by_hand.data = np.where(inner, bp.data / 1001.0, bp.data)
+    assert np.allclose(zero, reconstruct(by_hand, weight_floor=False), atol=1e-10)
+
+
+def test_noise_and_ssnr_spectra(rng):
+    box = 32
+    bp = _uniform_bp(box, 4.0, rng.standard_normal((box,) * 3))
+    sigma2 = reconstruction_sigma2(bp)
+    assert sigma2.shape == (box // 2 + 1,)
+    assert np.allclose(sigma2, 1.0 / (8 * 4.0))  # 1 / <pad³ w>
+    tau2, ssnr = tau2_from_fsc(np.array([1.0, 0.5, 0.0, -0.2, 0.9995]), np.full(5, 2.0))
+    assert np.allclose(ssnr, [999.0, 1.0, 0.001 / 0.999, 0.001 / 0.999, 999.0])
+    assert np.allclose(tau2, 2.0 * ssnr)
+    f = np.sqrt(2 * 0.5 / 1.5)
+    assert np.isclose(tau2_from_fsc(np.array([0.5]), np.ones(1), is_whole_instead_of_half=True, tau2_fudge=3)[1][0],
+                      3 * f / (1 - f))
+    dvp = data_vs_prior(bp, np.full(box // 2 + 1, 0.01), tau2_fudge=2.0)
+    assert np.allclose(dvp.data_vs_prior, 4.0 * 8 * 2.0 * 0.01)  # w · pad³ · T · τ²
+    assert np.allclose(dvp.fourier_coverage, 0.0)
+    dvp = data_vs_prior(bp, np.full(box // 2 + 1, 1.0))
+    assert np.allclose(dvp.fourier_coverage, 1.0)
+
+
+def test_blob_profile_normalised_and_truncated():
+    r = np.array([0.0, 0.01, 0.1, 0.49, 0.5, 0.7])
+    b = blob_fourier_profile(r)
+    assert b[0] == 1.0 and b[4] == 0.0 and b[5] == 0.0
+    assert 0 < b[1] < 1 and abs(b[2]) < b[1]
+
+
+def test_weight_floor_only_touches_empty_voxels(rng):
+    """RELION 4/5's max(W, <W>/1000) equals plain division where every voxel has ample weight."""
+    box = 32
+    vol = blob_phantom(box, rng)
+    bp = backproject_projections(vol, rotations(random_angles(800, rng)))
+    a = bp.reconstruct(weight_floor=True)
+    b = bp.reconstruct(weight_floor=False)
+    assert np.allclose(a, b, atol=1e-4 * np.abs(b).max())
+    # with a single view most voxels are empty; the floor keeps the result finite
+    one = backproject_projections(vol, rotations(random_angles(1, rng)))
+    assert np.all(np.isfinite(one.reconstruct()))
+
+
+# --- parity with relion_reconstruct ------------------------------------------------------------
+
+def _write_particles(path, angles, origins_px, apix, box, names, ctf_cols=None):
+    cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+            "rlnOpticsGroup", "rlnImageName"]
+    if ctf_cols is not None:
+        cols += ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+    lines = ["", "# version 30001", "", "data_optics", "", "loop_",
+             "_rlnOpticsGroup #1", "_rlnOpticsGroupName #2", "_rlnImagePixelSize #3", "_rlnImageSize #4",
+             "_rlnImageDimensionality #5", "_rlnVoltage #6", "_rlnSphericalAberration #7",
+             "_rlnAmplitudeContrast #8", f"1 opticsGroup1 {apix} {box} 2 300 2.7 0.1", "", "",
+             "# version 30001", "", "data_particles", "", "loop_"]
+    lines += [f"_{c} #{i + 1}" for i, c in enumerate(cols)]
+    for i, ((r, t, p), (ox, oy), name) in enumerate(zip(angles, origins_px, names)):
+        row = f"{r:.6f} {t:.6f} {p:.6f} {ox * apix:.6f} {oy * apix:.6f} 1 {name}"
+        if ctf_cols is not None:
+            row += " " + " ".join(f"{v:.3f}" for v in ctf_cols[i])
+        lines.append(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.relion
+@pytest.mark.parametrize("with_ctf", [False, True])
+def test_parity_with_relion_reconstruct(relion, tmp_path, rng, with_ctf):
+    box, apix, n = 48, 1.5, 800
+    vol = blob_phantom(box, rng)
+    angles = random_angles(n, rng)
+    rots = rotations(angles)
+    origins = rng.uniform(-4, 4, (n, 2))
+    slices = Projector.from_map(vol).project(rots)
+    ctf = None
+    ctf_cols = None
+    if with_ctf:
+        du = rng.uniform(8000, 25000, n)
+        ctf_cols = np.stack([du, du - rng.uniform(0, 800, n), rng.uniform(0, 180, n)], axis=1)
+        ctf = ctf_2d(box, apix, defocus_u=ctf_cols[:, 0], defocus_v=ctf_cols[:, 1],
+                     defocus_angle=ctf_cols[:, 2], voltage=300, cs=2.7, amplitude_contrast=0.1)
+        slices = slices * ctf
+    # images show the particle moved by -origin (RELION's convention)
+    images = np.fft.fftshift(backend.irfftn(phase_shift(slices, -origins), (box, box), axes=(1, 2)), axes=(1, 2))
+    images = images.astype(np.float32)
+    with mrcfile.new(tmp_path / "parts.mrcs") as m:
+        m.set_data(images)
+        m.voxel_size = apix
+    _write_particles(tmp_path / "parts.star", angles, origins, apix, box,
+                     [f"{i + 1:06d}@parts.mrcs" for i in range(n)], ctf_cols)
+    extra = ["--ctf"] if with_ctf else []
+    for out, flags in (("skip.mrc", ["--skip_gridding"]), ("grid.mrc", [])):
+        subprocess.run([str(relion / "relion_reconstruct"), "--i", "parts.star", "--o", out, *flags, *extra],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    # ours, from the same images: FFT, recentre by +origin, zero the DC, CTF-weight
+    ft = backend.rfftn(np.fft.ifftshift(images.astype(np.float64), axes=(1, 2)), axes=(1, 2))
+    ft = phase_shift(ft, origins)
+    ft[:, 0, 0] = 0
+    bp = BackProjector.zeros(box, double=True)
+    if with_ctf:
+        c = ctf.astype(np.float64)
+        bp.insert(ft * c, rots, weights=c * c)
+    else:
+        bp.insert(ft, rots)
+    for out, kw in (("skip.mrc", dict(weight_floor=False)), ("grid.mrc", dict(skip_gridding=False))):
+        theirs = mrcfile.read(tmp_path / out).astype(np.float64)
+        ours = bp.reconstruct(**kw)
+        curve = fsc(ours, theirs)
+        assert min_fsc_to(curve, box) >= 0.99, (out, curve)
+        assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max(), out
