@@ -52,7 +52,7 @@ the GEMMs' own rounding, and the log-likelihood adds the constant back in float6
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -432,6 +432,9 @@ def cross_correlation(X_shifted: Any, P: Any, *, ctf: Any = None, n_trans: int |
 
     Sums run over the K given pixels weighted by ``m_k``, without σ² (RELION's
     ``do_firstiter_cc`` branch of ``getAllSquaredDifferences``; the scale cancels).
+    ``‖X‖`` is taken over the same K pixels; RELION's ``exp_local_sqrtXi2`` may cover the whole
+    windowed square, but it is a per-particle constant, so only the reported value (and
+    ``rlnLogLikeliContribution``) could differ, never the assignment.
     ``X_shifted`` may be :class:`ScoringTerms` prepared with ``mode="cc"``.
     """
     if isinstance(X_shifted, ScoringTerms):
@@ -479,43 +482,65 @@ def significant_coarse(weights: Any, adaptive_fraction: float = 0.999, maxsig: i
     M = int(w.shape[1])
     frac = float(adaptive_fraction)
     total = w.sum(axis=1, dtype=np.float64)
-    npos = (w > 0).sum(axis=1)
     cut = (0.5 * max(0.0, 1.0 - frac) / M) * total  # 0.5: margin against rounding
-    ncand = (w >= cut[:, None].astype(w.dtype)).sum(axis=1)
+    cand = w >= cut[:, None].astype(w.dtype)
+    ncand = cand.sum(axis=1)
     c = max(1, int(ncand.max()) if n else 1)
     if maxsig > 0:
         c = min(c, int(maxsig))
     c = min(c, M)
 
-    def _taken(width: int, rows: Any) -> tuple[Any, Any, Any]:
-        """Descending top-`width` of the given rows, how many are taken, whether the walk stopped."""
+    def _top_sorted(width: int, rows: Any) -> Any:
+        """The `width` largest weights of the given rows, descending (zero-padded where a row has fewer candidates)."""
         ww = w if rows is None else w[rows]
+        if width >= M:
+            return xp.sort(ww, axis=1)[:, ::-1]
+        n_cand = int(ncand.sum()) if rows is None else -1
+        if rows is None and n_cand * 8 < n * M:
+            # Few candidates (peaked posteriors): gather them and sort by (row, −weight); a
+            # partition of every row would cost more than the whole rest of this function.
+            flat_idx = xp.flatnonzero(cand)
+            vals = w.reshape(-1)[flat_idx]
+            r_idx = flat_idx // M
+            order = xp.lexsort(xp.stack([-vals, r_idx.astype(vals.dtype)]))
+            vals, r_idx = vals[order], r_idx[order]
+            starts = xp.cumsum(ncand) - ncand
+            pos = xp.arange(vals.shape[0]) - starts[r_idx]
+            keep = pos < width
+            top = xp.zeros((n, width), dtype=w.dtype)
+            top[r_idx[keep], pos[keep]] = vals[keep]
+            return top
+        return xp.sort(xp.partition(ww, M - width, axis=1)[:, M - width:], axis=1)[:, ::-1]
+
+    def _walk(top: Any, rows: Any) -> tuple[Any, Any, Any]:
+        """RELION's descending walk over `top`: samples taken, threshold, whether the walk stopped."""
         tot = total if rows is None else total[rows]
-        npos_r = npos if rows is None else npos[rows]
-        top = ww if width >= M else xp.partition(ww, M - width, axis=1)[:, M - width:]
-        top = xp.sort(top, axis=1)[:, ::-1]
         csum = xp.cumsum(top.astype(np.float64), axis=1)
         exceed = csum > frac * tot[:, None]
         has = exceed.any(axis=1)
-        n_taken = xp.where(has, xp.argmax(exceed, axis=1) + 1, width)
+        n_taken = xp.where(has, xp.argmax(exceed, axis=1) + 1, top.shape[1])
+        if not bool(has.all()):  # the walk ran through: it ends at the smallest positive weight
+            npos = (top > 0).sum(axis=1)
+            n_taken = xp.where(has, n_taken, xp.maximum(npos, 1))
         if maxsig > 0:
             n_taken = xp.minimum(n_taken, int(maxsig))
-        n_taken = xp.minimum(n_taken, xp.maximum(npos_r, 1))  # positive weights only (RELION filters > 0)
         thr = top[xp.arange(top.shape[0]), n_taken - 1].astype(np.float64)
         return n_taken, thr, has
 
-    n_taken, threshold, has = _taken(c, None)
+    n_taken, threshold, has = _walk(_top_sorted(c, None), None)
     capped = maxsig > 0 and c >= maxsig
-    if c < M and not capped and bool((~has).any()):
-        # The walk did not stop inside the prefix (rounding only): redo those rows with a full sort.
+    if c < M and not capped and not bool(has.all()):
+        # The walk did not stop inside the prefix (only by rounding, or fraction ≥ 1): redo those rows in full.
         ridx = xp.nonzero(~has)[0]
-        nt_full, thr_full, _ = _taken(M, ridx)
+        nt_full, thr_full, _ = _walk(_top_sorted(M, ridx), ridx)
         n_taken[ridx] = nt_full
         threshold[ridx] = thr_full
-    threshold = xp.where(npos > 0, threshold, 0.0)
-    thr = threshold.astype(w.dtype).reshape((n,) + (1,) * (weights.ndim - 1))
-    mask = (weights >= thr) & (weights > 0)
-    n_sig = xp.where(npos > 0, n_taken, 0).astype(np.int64)
+    empty = ~(total > 0)
+    threshold = xp.where(empty, 0.0, threshold)
+    # thr > 0 for every row with a positive weight, so ">= thr" also drops the zeros; +inf empties a row
+    thr = xp.where(empty, xp.inf, threshold).astype(w.dtype).reshape((n,) + (1,) * (weights.ndim - 1))
+    mask = weights >= thr
+    n_sig = xp.where(empty, 0, n_taken).astype(np.int64)
     return mask, n_sig, threshold
 
 
@@ -555,33 +580,33 @@ class Posterior:
     failed: Array
 
 
-def _log_prior(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any, log_prior_trans: Any,
-               orient_class: Any, dtype: Any) -> Array | None:
+def _log_prior_parts(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any, log_prior_trans: Any,
+                     orient_class: Any, dtype: Any) -> list[Array]:
+    """The log priors as arrays broadcastable to (N_i, N_r, N_t), kept small where possible."""
     n_i, n_r, n_t = shape
-    lp = None
+    parts = []
     if log_prior_orient is not None:
         lpo = xp.asarray(log_prior_orient, dtype=dtype)
         if lpo.shape == (n_r,):
-            lp = lpo[None, :, None]
+            parts.append(lpo[None, :, None])
         elif lpo.shape == (n_i, n_r):
-            lp = lpo[:, :, None]
+            parts.append(lpo[:, :, None])
         else:
             raise ValueError(f"log_prior_orient: expected ({n_r},) or ({n_i}, {n_r}), got {tuple(lpo.shape)}")
     if log_prior_trans is not None:
         lpt = xp.asarray(log_prior_trans, dtype=dtype)
         if lpt.shape == (n_t,):
-            lpt = lpt[None, None, :]
+            parts.append(lpt[None, None, :])
         elif lpt.shape == (n_i, n_t):
-            lpt = lpt[:, None, :]
+            parts.append(lpt[:, None, :])
         elif lpt.ndim == 3 and lpt.shape[0] == n_i and lpt.shape[2] == n_t:
             if orient_class is None:
                 raise ValueError("a per-class log_prior_trans (N_i, C, N_t) needs orient_class")
-            lpt = lpt[:, xp.asarray(orient_class), :]
+            parts.append(lpt[:, xp.asarray(orient_class), :])
         else:
             raise ValueError(f"log_prior_trans: expected ({n_t},), ({n_i}, {n_t}) or ({n_i}, C, {n_t}), "
                              f"got {tuple(lpt.shape)}")
-        lp = lpt if lp is None else lp + lpt
-    return lp
+    return parts
 
 
 def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_trans: Any = None,
@@ -625,16 +650,23 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
         raise ValueError(f"diff2 must be (N_i, N_r, N_t), got shape {tuple(diff2.shape)}")
     n_i, n_r, n_t = (int(s) for s in diff2.shape)
     dt = diff2.dtype
-    lp = _log_prior(xp, (n_i, n_r, n_t), log_prior_orient, log_prior_trans, orient_class, dt)
-    valid = xp.isfinite(diff2)
-    if lp is not None:
-        valid &= xp.isfinite(lp)
-    d = xp.where(valid, diff2, xp.inf)
-    min_rel = d.reshape(n_i, -1).min(axis=1)
+    parts = _log_prior_parts(xp, (n_i, n_r, n_t), log_prior_orient, log_prior_trans, orient_class, dt)
+    flat2 = diff2.reshape(n_i, -1)
+    lo, hi = flat2.min(axis=1), flat2.max(axis=1)
+    # Fast path (no masks): every diff2 finite and every prior non-zero. min/max propagate NaN.
+    fast = bool(xp.isfinite(lo).all() and xp.isfinite(hi).all()) and all(bool(xp.isfinite(q).all()) for q in parts)
+    if fast:
+        valid, d, min_rel = None, diff2, lo
+    else:
+        valid = xp.isfinite(diff2)
+        for q in parts:
+            valid &= xp.isfinite(q)
+        d = xp.where(valid, diff2, xp.inf)
+        min_rel = d.reshape(n_i, -1).min(axis=1)
     failed = ~xp.isfinite(min_rel)
     offset = xp.zeros(n_i, dtype=np.float64) if diff2_offset is None else xp.asarray(diff2_offset, dtype=np.float64)
     min_diff2 = min_rel.astype(np.float64) + offset
-    safe_min = xp.where(failed, 0, min_rel).astype(dt)
+    safe_min = xp.where(failed, 0, min_rel).astype(dt)[:, None, None]
 
     if mode == "cc":
         flat = d.reshape(n_i, -1)
@@ -653,13 +685,22 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
     if mode != "ml":
         raise ValueError(f"mode must be 'ml' or 'cc', not {mode!r}")
 
-    # In place where possible: diff2-sized temporaries dominate the chunk's memory.
-    lw = d - safe_min[:, None, None]  # ≥ 0 or inf
-    drop = ~valid | (lw > MAX_EXPONENT)
-    xp.negative(lw, out=lw)
-    if lp is not None:
-        lw += lp
-    lw[drop] = -xp.inf
+    # lw = log prior − (diff2 − min diff2), built in one diff2-sized array (they dominate a chunk's memory).
+    lw = xp.empty(diff2.shape, dtype=dt)
+    xp.subtract((parts[0] + safe_min) if parts else safe_min, d, out=lw)
+    for q in parts[1:]:
+        lw += q
+    # RELION's cut: weight 0 where diff2 − min > 700. In float32 exp underflows long before that,
+    # unless the priors span hundreds of log units, so the (two-pass) mask is skipped then.
+    span = 0.0
+    for q in parts:
+        qf = q[xp.isfinite(q)]
+        if qf.size:
+            span += float(qf.max() - qf.min())
+    if dt == np.float64 or span > 500:
+        lw[d > safe_min + MAX_EXPONENT] = -xp.inf
+    if valid is not None:
+        lw[~valid] = -xp.inf
     top = lw.reshape(n_i, -1).max(axis=1)
     failed |= ~xp.isfinite(top)
     top = xp.where(failed, 0, top)
@@ -724,7 +765,6 @@ class MStepSums:
     group_weight: Array
     class_weight: float
     sigma2_offset: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _segment_sum(values: Array, pid: Array, n: int) -> Array:

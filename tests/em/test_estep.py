@@ -259,7 +259,7 @@ def test_exponent_above_700_gives_zero_weight():
     assert post.failed.all() and (post.weights == 0).all()
 
 
-@pytest.mark.parametrize("fraction", [0.999, 0.9, 0.5, 1.0])
+@pytest.mark.parametrize("fraction", [0.999, 0.9, 0.5, 1.0, 1 - 1e-15])
 @pytest.mark.parametrize("maxsig", [-1, 1, 3, 40])
 def test_significance_matches_relion_rule(rng, fraction, maxsig):
     n, m = 6, 300
@@ -284,6 +284,23 @@ def test_significance_matches_relion_rule(rng, fraction, maxsig):
         assert (kept > fraction - 1e-12).all()
     if fraction == 1.0 and maxsig == -1:
         np.testing.assert_array_equal(mask, w3 > 0)
+
+
+@pytest.mark.parametrize("maxsig", [-1, 2, 5])
+def test_significance_on_peaked_rows_gathers_candidates(rng, maxsig):
+    # few candidates per row: the gather-and-sort branch, with rows of different lengths
+    n, m = 40, 2000
+    w = np.exp(-rng.uniform(0, 400, size=(n, m))).astype(np.float32)
+    w[:, :4] = rng.uniform(0.1, 1, size=(n, 4))
+    w[::3, 4:12] = 0.3  # ties in some rows
+    w /= w.sum(1, keepdims=True)
+    cut = 0.5 * 0.001 / m
+    assert (w >= cut).sum() * 8 < w.size
+    mask, nsig, thr = significant_coarse(w, 0.999, maxsig)
+    rmask, rnsig, rthr = reference_significance(w.astype(np.float64), 0.999, maxsig)
+    np.testing.assert_array_equal(nsig, rnsig)
+    np.testing.assert_array_equal(mask, rmask)
+    np.testing.assert_allclose(thr, rthr, rtol=1e-6)
 
 
 def test_significance_on_float32_posterior_is_stable(rng):
@@ -484,9 +501,46 @@ def test_two_pass_driver_matches_bruteforce(rng):
     requested = np.concatenate([c * n_rc * n_or + idx for c, idx in calls])
     np.testing.assert_array_equal(np.unique(requested // n_or), union)
     assert len(requested) < n_class * n_rc * n_or  # it did prune something
-    # the M-step can take one class's slice directly
-    w0, s0 = res.class_weights(0)
-    assert w0.shape == (n_i, res.classes[0].stop - res.classes[0].start, len(res.fine_translations))
+    # the M-step takes each class's slice of the fine posterior directly
+    Xf = precompute_shifted(X, phase_ramps(freqs, tf[res.fine_translations], BOX))
+    total = 0.0
+    for fc in res.classes:
+        w_c, s_c = res.class_weights(fc.class_index)
+        sums = mstep_sums(w_c, Xf, fc.projections, ctf=ctf, inv_sigma2=inv_s2, n_trans=len(res.fine_translations),
+                          significant=s_c)
+        total += sums.class_weight
+        np.testing.assert_allclose(sums.sum_weight, (w_c * s_c).sum(axis=(1, 2)), rtol=1e-5)
+    assert total == pytest.approx(float((res.fine.weights * res.fine.significant).sum()), rel=1e-5)
+    assert n_i * 0.9 < total <= n_i * (1 + 1e-5)  # the second cut (fraction 0.9 here) keeps > 90 % of each particle
+
+
+def test_two_pass_driver_in_cc_mode_is_a_hard_assignment(rng):
+    freqs, _ = half_plane_window()
+    k = freqs.shape[0]
+    n_i, n_rc, n_or, n_tc, n_ot = 4, 5, 4, 3, 2
+    fine_P = rng.normal(size=(n_rc * n_or, k)) + 1j * rng.normal(size=(n_rc * n_or, k))
+    coarse_P = fine_P.reshape(n_rc, n_or, k).mean(axis=1)
+    tc = rng.uniform(-2, 2, size=(n_tc, 2))
+    tf = np.repeat(tc, n_ot, axis=0) + rng.uniform(-0.3, 0.3, size=(n_tc * n_ot, 2))
+    X = fine_P[rng.integers(0, n_rc * n_or, n_i)] + 0.5 * rng.normal(size=(n_i, k))
+    ctf = np.ones((n_i, k))
+    coarse = scoring_terms(precompute_shifted(X, phase_ramps(freqs, tc, BOX)), ctf=ctf, inv_sigma2=1.0,
+                           n_trans=n_tc, mode="cc")
+    fine = scoring_terms(precompute_shifted(X, phase_ramps(freqs, tf, BOX)), ctf=ctf, inv_sigma2=1.0,
+                         n_trans=n_tc * n_ot, mode="cc")
+    res = score_two_pass(coarse, fine, [coarse_P], lambda c, idx: fine_P[idx], n_over_rot=n_or, n_over_trans=n_ot)
+    np.testing.assert_array_equal(res.coarse.n_significant, 1)
+    cc_c = cross_correlation(coarse, coarse_P)
+    cc_f = cross_correlation(fine, fine_P)
+    _, orient, trans = res.best_pose()
+    for i in range(n_i):
+        rc, t_c = np.unravel_index(cc_c[i].argmin(), cc_c[i].shape)
+        children = cc_f[i, rc * n_or:(rc + 1) * n_or, t_c * n_ot:(t_c + 1) * n_ot]
+        j, u = np.unravel_index(children.argmin(), children.shape)
+        assert (orient[i], trans[i]) == (rc * n_or + j, t_c * n_ot + u)
+    flat = res.fine.weights.reshape(n_i, -1)
+    np.testing.assert_array_equal((flat > 0).sum(1), 1)
+    np.testing.assert_array_equal(flat.max(1), 1)
 
 
 @pytest.mark.gpu
