@@ -10,9 +10,9 @@ A coarse orientation is a pair (direction, psi):
   directions, ``360 / (6 * 2**order)`` degrees.
 
 Coarse orientations are numbered direction-major, ``idir * n_psi + ipsi``
-(RELION's ``getPositionSamplingPoint`` order). At order 7 there are 786,432
-directions and 768 psi angles, so the full product is never built here unless
-asked for: :class:`HealpixSampling` holds directions and psi separately and
+(RELION's ``getPositionSamplingPoint`` order). At order 7 there are 196,608
+directions and 768 psi angles (151 million orientations), so the full product is
+never built here unless asked for: :class:`HealpixSampling` holds directions and psi separately and
 materialises :class:`OrientationGrid` objects for chosen indices.
 
 Adaptive oversampling by ``os`` splits a coarse sample into the 4**os NEST
@@ -329,12 +329,8 @@ class OrientationGrid:
 
     @property
     def coarse_index(self) -> np.ndarray:
+        """Flat index of the coarse orientation, ``dir_index * n_psi + psi_index``."""
         return self.dir_index * self.sampling.n_psi + self.psi_index
-
-    @property
-    def angular_step(self) -> float:
-        """Angular step of these orientations in degrees."""
-        return self.sampling.psi_step / (1 << self.oversampling)
 
     def matrices(self, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
         """Rotation matrices ``(n, 3, 3)`` (RELION's A, see :mod:`cryodask.geometry.euler`)."""

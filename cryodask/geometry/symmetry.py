@@ -31,6 +31,7 @@ pixel radius of an already kept one (this cleans the seams).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import math
 import re
 
@@ -167,6 +168,12 @@ def point_group(sym: str | SymmetryGroup) -> SymmetryGroup:
     if isinstance(sym, SymmetryGroup):
         return sym
     family, n = _parse(sym)
+    plain_i = str(sym).strip().upper() == "I"
+    return _build(family, n, plain_i)
+
+
+@functools.lru_cache(maxsize=64)
+def _build(family: str, n: int, plain_i: bool) -> SymmetryGroup:
     z = np.array([0.0, 0.0, 1.0])
     x = np.array([1.0, 0.0, 0.0])
     if family == "C":
@@ -179,7 +186,7 @@ def point_group(sym: str | SymmetryGroup) -> SymmetryGroup:
         gens = [(3, _unit([1.0, 1.0, 1.0])), (4, z)]
     else:
         g = _GOLDEN
-        # Exact forms of RELION's (rounded) axes; tests check they agree to 1e-8.
+        # Exact forms of RELION's rounded axes (tests find RELION's values in the group).
         gens = {
             1: [(2, x), (5, _unit([g, 0.0, -1.0])), (3, _unit([g, 1.0 / g, 0.0]))],
             2: [(2, z), (5, _unit([1.0, 0.0, g])), (3, _unit([0.0, 1.0 / g, g]))],
@@ -196,8 +203,10 @@ def point_group(sym: str | SymmetryGroup) -> SymmetryGroup:
         }[n]
     canonical = {"C": f"C{n}", "D": f"D{n}", "T": "T", "O": "O"}.get(family)
     if canonical is None:
-        canonical = "I" if str(sym).strip().upper() == "I" else f"I{n}"
-    return SymmetryGroup(canonical, family, n, _close_group(gens))
+        canonical = "I" if plain_i else f"I{n}"
+    matrices = _close_group(gens)
+    matrices.setflags(write=False)  # shared through the cache
+    return SymmetryGroup(canonical, family, n, matrices)
 
 
 def symmetry_group(name: str) -> np.ndarray:
@@ -208,7 +217,7 @@ def symmetry_group(name: str) -> np.ndarray:
     >>> symmetry_group("D2").shape
     (4, 3, 3)
     """
-    return point_group(name).matrices
+    return point_group(name).matrices.copy()
 
 
 def direction_vectors(rot: npt.ArrayLike, tilt: npt.ArrayLike) -> np.ndarray:
