@@ -38,6 +38,7 @@ searches select around the unperturbed grid, as RELION does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import math
 
 import numpy as np
@@ -384,6 +385,11 @@ class HealpixSampling:
         """Unit vectors ``(n_directions, 3)`` of the unperturbed directions."""
         return direction_vectors(self.rot, self.tilt)
 
+    @functools.cached_property
+    def _direction_copies(self) -> np.ndarray:
+        # (n_ops, n_directions, 3), reused by every local search on this sampling
+        return symmetry_copies(self.direction_vectors(), self.sym)
+
     def _grid(self, rot, tilt, psi, pixel, idir, ipsi, oversampling) -> OrientationGrid:
         if self.random_perturbation != 0.0:
             a = euler_to_matrix(rot, tilt, psi) @ perturbation_matrix(self.random_perturbation, self.order)
@@ -550,7 +556,7 @@ def local_directions(
     n = sampling.n_directions
     if not (sigma_rot > 0 or sigma_tilt > 0):
         return np.arange(n, dtype=np.int64), np.full(n, -np.log(n))
-    copies = symmetry_copies(sampling.direction_vectors(), sampling.sym)  # (G, n, 3)
+    copies = sampling._direction_copies  # (G, n, 3)
     if sigma_rot > 0 and sigma_tilt > 0:
         sigma = max(sigma_rot, sigma_tilt)
         prior = direction_vectors(prior_rot, prior_tilt)
