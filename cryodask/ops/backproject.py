@@ -144,7 +144,14 @@ class BackProjector:
                 keep = w > 0
                 w = xp.where(keep, w, 0)
                 vals = xp.where(keep, vals, 0)
-            backend.scatter_add(self.data, index, vals[..., None] * tri)
+            contrib = vals[..., None] * tri
+            if backend.is_gpu(self.data):
+                # scatter real and imaginary parts into the interleaved float view (atomic adds on floats)
+                dview = self.data.reshape(-1).view(rdtype)
+                backend.scatter_add(dview, 2 * index, contrib.real.astype(rdtype))
+                backend.scatter_add(dview, 2 * index + 1, contrib.imag.astype(rdtype))
+            else:
+                backend.scatter_add(self.data, index, contrib)
             backend.scatter_add(self.weight, index, w[..., None] * tri)
 
     def merge(self, other: "BackProjector") -> "BackProjector":

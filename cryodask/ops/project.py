@@ -29,7 +29,8 @@ import numpy as np
 from cryodask import backend
 from cryodask.ops.filters import fftw_frequencies, real_space_radius
 
-__all__ = ["Projector", "grid_correct", "padded_size", "slice_pixels", "trilinear_corners"]
+__all__ = ["Projector", "Projector2D", "grid_correct", "padded_size", "slice_pixels", "trilinear_corners",
+           "bilinear_corners", "in_plane_rotations", "project_2d"]
 
 #: number of (orientation, pixel) pairs handled at once; bounds temporary memory to ~100 MB
 _CHUNK_ELEMENTS = 1 << 21
@@ -268,3 +269,161 @@ class Projector:
 def _chunk_len(n_rot: int, n_pix: int, start: int) -> int:
     step = max(1, _CHUNK_ELEMENTS // max(1, n_pix))
     return min(step, n_rot - start)
+
+
+# --- 2D references (classification): in-plane rotations -----------------------------------------
+
+def in_plane_rotations(psi: Any, xp: Any = np, dtype: Any = np.float64) -> Any:
+    """2x2 matrices of RELION's ``Euler_angles2matrix(0, 0, psi)`` (``[[c, s], [-s, c]]``), ``(R, 2, 2)``."""
+    a = np.deg2rad(np.atleast_1d(np.asarray(backend.to_numpy(psi), dtype=np.float64)))
+    c, s = np.cos(a), np.sin(a)
+    return xp.asarray(np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2), dtype=dtype)
+
+
+def bilinear_corners(xi: Any, half_extent: int, shape: tuple[int, int]) -> tuple[Any, Any, Any]:
+    """The 2D analogue of :func:`trilinear_corners`: ``xi`` ``(..., 2)`` as (x, y) on a centred half grid."""
+    xp = backend.array_module(xi)
+    negative = xi[..., 0] < 0
+    xi = xp.where(negative[..., None], -xi, xi)
+    base = xp.floor(xi)
+    frac = xi - base
+    base = base.astype(np.int64)
+    ny, nx = shape
+    x0 = xp.clip(base[..., 0], 0, nx - 2)
+    y0 = xp.clip(base[..., 1] + half_extent, 0, ny - 2)
+    fx, fy = frac[..., 0], frac[..., 1]
+    gx, gy = 1 - fx, 1 - fy
+    index = (y0 * nx + x0)[..., None] + xp.asarray([0, 1, nx, nx + 1], dtype=np.int64)
+    weight = xp.stack([gy * gx, gy * fx, fy * gx, fy * fx], axis=-1)
+    return index, weight, negative
+
+
+@dataclass(frozen=True)
+class Projector2D:
+    """Padded, centred Hermitian halves of 2D references, for in-plane rotations (RELION ``ref_dim = 2``).
+
+    As :class:`Projector` with one dimension less: gridding pre-correction by
+    sinc²(r/(pad·N)), zero padding, FFT divided by the number of pixels and scaled by
+    ``pad²`` (so values match image transforms), ``|ξ| <= round(pad·r_max)`` kept.
+
+    Attributes
+    ----------
+    data
+        ``(K, 2R+3, R+2)`` complex, one plane per reference; y centred at ``R+1``.
+    ori_size, pad, r_max
+        As for :class:`Projector`.
+    power_spectrum
+        ``(K, N//2+1)``: ``<|V|²>/2`` per shell of each reference.
+    """
+
+    data: Any
+    ori_size: int
+    pad: float
+    r_max: float
+    power_spectrum: Any
+
+    @property
+    def half_extent(self) -> int:
+        return (self.data.shape[1] - 1) // 2
+
+    @classmethod
+    def from_images(cls, images: Any, *, pad: float = 2, r_max: float | None = None, do_gridding: bool = True,
+                    xp: Any = None, double: bool = False) -> "Projector2D":
+        """Build from ``(N, N)`` or ``(K, N, N)`` real references."""
+        xp = backend.array_module(images) if xp is None else xp
+        rdtype, cdtype = backend.real_dtype(double), backend.complex_dtype(double)
+        refs = xp.asarray(images, dtype=rdtype)
+        if refs.ndim == 2:
+            refs = refs[None]
+        if refs.ndim != 3 or refs.shape[1] != refs.shape[2]:
+            raise ValueError(f"Projector2D needs square references (K, N, N), not {tuple(refs.shape)}")
+        k, n = refs.shape[0], refs.shape[1]
+        p, padf = padded_size(n, pad)
+        r_max = float(n // 2) if r_max is None else float(r_max)
+        if do_gridding:
+            refs = grid_correct(refs, padf, ndim=2)
+        mpad = xp.zeros((k, p, p), dtype=rdtype)
+        o = p // 2 - n // 2
+        mpad[:, o:o + n, o:o + n] = refs
+        ft = backend.rfftn(xp.fft.ifftshift(mpad, axes=(1, 2)), axes=(1, 2)).astype(cdtype)
+        del mpad
+        ft *= padf ** 2
+        rad_keep = int(np.floor(padf * r_max + 0.5))
+        h = min(rad_keep, p // 2) + 1
+        ky = np.arange(-h, h + 1)
+        valid = (ky > -p // 2) & (ky <= p // 2)
+        kx = np.arange(h + 1)
+        data = ft[:, xp.asarray(np.mod(ky, p))][:, :, xp.asarray(np.minimum(kx, p // 2))]
+        r2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        keep = (r2 <= rad_keep * rad_keep) & valid[:, None] & (kx[None, :] <= p // 2)
+        data *= xp.asarray(keep)
+        ires = np.floor(np.sqrt(r2) / padf + 0.5).astype(np.int64)
+        nsh = n // 2 + 1
+        sel = keep & (ires < nsh)
+        count = np.bincount(ires[sel], minlength=nsh)
+        power = (xp.abs(data) ** 2 / 2)[:, xp.asarray(sel)]
+        sh = xp.asarray(ires[sel])
+        spectrum = xp.stack([xp.bincount(sh, weights=power[i].astype(np.float64), minlength=nsh)
+                             for i in range(k)])
+        spectrum = spectrum / xp.asarray(np.maximum(count, 1)) * xp.asarray(count > 0)
+        return cls(data=data, ori_size=n, pad=padf, r_max=r_max, power_spectrum=spectrum)
+
+    def sample(self, rotations: Any, kx: Any, ky: Any) -> Any:
+        """Values ``(K, R, P)`` of the rotated references at 2D frequencies ``(kx, ky)``.
+
+        ``rotations``: in-plane angles psi in degrees ``(R,)``, or matrices ``(R, 2, 2)`` /
+        ``(R, 3, 3)`` (the upper-left 2x2 block is used; RELION's ``A``, image from reference).
+        """
+        xp = backend.array_module(self.data)
+        rdtype = np.float64 if self.data.dtype == np.complex128 else np.float32
+        rot = _as_2d_rotations(rotations, xp, rdtype)
+        kx = xp.asarray(kx, dtype=rdtype)
+        ky = xp.asarray(ky, dtype=rdtype)
+        n_ref = self.data.shape[0]
+        out = xp.empty((n_ref, rot.shape[0], kx.shape[0]), dtype=self.data.dtype)
+        flat = self.data.reshape(n_ref, -1)
+        step = max(1, _CHUNK_ELEMENTS // max(1, kx.shape[0] * n_ref))
+        for s in range(0, rot.shape[0], step):
+            a = rot[s:s + step]
+            xi = self.pad * (kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :])
+            index, weight, negative = bilinear_corners(xi, self.half_extent, self.data.shape[1:])
+            vals = (flat[:, index] * weight).sum(axis=-1)
+            out[:, s:s + a.shape[0]] = xp.where(negative, xp.conj(vals), vals)
+        return out
+
+    def project(self, rotations: Any, *, box: int | None = None, r_max: float | None = None) -> Any:
+        """Rotated references ``(K, R, box, box//2+1)`` in FFTW half layout (RELION ``rotate2D``)."""
+        xp = backend.array_module(self.data)
+        box = self.ori_size if box is None else int(box)
+        r = self.r_max if r_max is None else min(float(r_max), self.r_max)
+        flat, kx, ky = slice_pixels(box, r, xp=xp)
+        vals = self.sample(rotations, kx, ky)
+        out = xp.zeros(vals.shape[:2] + (box * (box // 2 + 1),), dtype=self.data.dtype)
+        out[:, :, flat] = vals
+        return out.reshape(vals.shape[:2] + (box, box // 2 + 1))
+
+
+def project_2d(references: Any, psi: Any, *, pad: float = 2, r_max: float | None = None,
+               box: int | None = None) -> Any:
+    """In-plane rotations of 2D references in Fourier space: ``(K, R, box, box//2+1)``.
+
+    Convenience wrapper around :class:`Projector2D` (build once and reuse it when rotating
+    the same references many times).
+    """
+    return Projector2D.from_images(references, pad=pad, r_max=r_max).project(psi, box=box)
+
+
+def _as_2d_rotations(rotations: Any, xp: Any, dtype: Any) -> Any:
+    r = rotations
+    if not hasattr(r, "ndim"):
+        r = np.asarray(r)
+    if r.ndim <= 1:
+        return in_plane_rotations(r, xp, dtype)
+    r = xp.asarray(r, dtype=dtype)
+    if r.ndim == 2:
+        r = r[None]
+    if r.shape[-2:] == (3, 3):
+        r = r[:, :2, :2]
+    if r.shape[-2:] != (2, 2):
+        raise ValueError(f"in-plane rotations must be angles (R,) or matrices (R, 2, 2), not {tuple(r.shape)}")
+    return r

@@ -12,7 +12,7 @@ from scipy.ndimage import map_coordinates
 from cryodask import backend
 from cryodask.geometry.euler import euler_to_matrix
 from cryodask.ops.filters import phase_shift, window_fourier
-from cryodask.ops.project import Projector, grid_correct, slice_pixels
+from cryodask.ops.project import Projector, Projector2D, grid_correct, in_plane_rotations, project_2d, slice_pixels
 
 
 def blob_phantom(box: int, rng: np.random.Generator, n_blobs: int = 7) -> np.ndarray:
@@ -175,6 +175,47 @@ def test_parity_with_relion_project(relion, tmp_path, rng):
     # and the opposite sign is clearly wrong
     wrong = to_images(phase_shift(slices[-2:], origins[-2:]), box)
     assert np.corrcoef(wrong[0].ravel(), theirs[-2].ravel())[0, 1] < 0.9
+
+
+def test_2d_rotation_equals_3d_projection_about_z(rng):
+    """Without gridding, rotating the z-projection in-plane is exactly the 3D slice at (0, 0, psi)."""
+    vol = rng.standard_normal((32, 32, 32))
+    psi = np.array([0.0, 17.0, 90.0, -133.0])
+    a = euler_to_matrix(0 * psi, 0 * psi, psi)
+    three = Projector.from_map(vol, do_gridding=False, double=True).project(a)
+    two = Projector2D.from_images(vol.sum(axis=0), do_gridding=False, double=True)
+    assert np.allclose(two.project(psi)[0], three, atol=1e-12)
+    assert np.allclose(two.project(a)[0], three, atol=1e-12)  # 3x3 matrices: upper-left block
+    assert np.allclose(in_plane_rotations(psi), a[:, :2, :2])
+
+
+def test_2d_rotation_matches_real_space(rng):
+    box = 64
+    c = np.arange(box) - box // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    refs = np.zeros((2, box, box))
+    for k in range(2):
+        for _ in range(5):
+            cx, cy = rng.uniform(-12, 12, 2)
+            refs[k] += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * rng.uniform(2, 4) ** 2))
+    psi = np.array([23.0, 150.0, -70.0])
+    rotated = np.fft.fftshift(backend.irfftn(project_2d(refs, psi), (box, box), axes=(-2, -1)), axes=(-2, -1))
+    assert rotated.shape == (2, 3, box, box)
+    for k in range(2):
+        for j, p in enumerate(psi):
+            cs, sn = np.cos(np.deg2rad(p)), np.sin(np.deg2rad(p))
+            # image(x, y) = ref(A^T (x, y)) with A = [[c, s], [-s, c]]
+            ref_x, ref_y = cs * x - sn * y, sn * x + cs * y
+            want = map_coordinates(refs[k], [ref_y + box // 2, ref_x + box // 2], order=1)
+            assert np.corrcoef(want.ravel(), rotated[k, j].ravel())[0, 1] > 0.999
+
+
+def test_2d_power_spectrum_of_white_noise(rng):
+    box, sigma = 64, 1.5
+    proj = Projector2D.from_images(rng.normal(0, sigma, (3, box, box)), do_gridding=False, double=True)
+    ps = proj.power_spectrum
+    assert ps.shape == (3, box // 2 + 1)
+    assert np.allclose(ps[:, 3:box // 2].mean(axis=1), sigma ** 2 / (2 * box * box), rtol=0.05)
 
 
 @pytest.mark.gpu
