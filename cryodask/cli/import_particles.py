@@ -37,13 +37,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import time
+
     from cryodask.io.store import import_particles, summary
 
+    t0 = time.perf_counter()
     store = import_particles(args.i, args.o, float16=args.float16, new_box=args.new_box, chunk=args.chunk,
                              angpix=args.angpix, overwrite=args.overwrite)
+    seconds = time.perf_counter() - t0
     m = store.manifest
     if m.get("fourier_crop"):
         print(f"Fourier-cropped box {m['original_box']} -> {m['box']}: pixel size {m['original_pixel_size']:g} -> "
               f"{m['pixel_size']:g} Å; best reachable resolution {2 * m['pixel_size']:.3g} Å (Nyquist)")
-    print(summary(store, getattr(store, "import_seconds", None)))
+    print(summary(store, seconds))
     return 0

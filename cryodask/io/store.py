@@ -46,7 +46,9 @@ the coarser grid, and white noise of variance s2 keeps only the fraction
 ``relion_image_handler --rescale_angpix`` to float precision.
 
 Importing streams: a reader thread reads chunk i+1 from the MRC stacks while the
-main thread crops, writes and hashes chunk i; at most a few chunks are in memory.
+main thread crops, writes and hashes chunk i; at most about four chunks are in
+memory (one being read, one queued, one being written, and the FFT of one with
+``--new_box``), whatever the number of particles.
 The store is built under ``<store>.tmp-<pid>`` and renamed when complete, so a
 killed import never leaves something that looks like a store.
 
@@ -375,10 +377,10 @@ class StarParticles:
         self.path = Path(path)
         self.table = read_particles(self.path, angpix=angpix)
         _check_table(self.path, self.table)
-        self.box = int(self.table.box_size())
-        self.pixel_size = float(self.table.pixel_size())
-        self.chunk = _check_chunk(chunk, self.box)
         self.base_dirs = _base_dirs(self.path)
+        self.box = _table_box(self.path, self.table, self.base_dirs)
+        self.pixel_size = float(self.table.pixel_size())
+        self.chunk = min(_check_chunk(chunk, self.box), len(self.table))
         self._names = self.table.particles["rlnImageName"].astype(str).tolist()
 
     @property
@@ -497,32 +499,61 @@ def _check_table(star: Path, table) -> None:
                                       "(relion_star_handler --select rlnOpticsGroup)")
 
 
+def _table_box(star: Path, table, base_dirs: list[Path]) -> int:
+    """The box: ``rlnImageSize`` when the optics table gives it, else the first particle's image size."""
+    if "rlnImageSize" in table.optics.columns:
+        return int(table.box_size())
+    from cryodask.io.mrc import read_images
+
+    first = read_images(table.particles["rlnImageName"].iloc[:1].astype(str).tolist(), base_dir=base_dirs,
+                        source=star, dtype=np.float32, check_finite=False)
+    return int(first.shape[-1])
+
+
 def _check_box(star: Path, images: np.ndarray, box: int, first: int) -> None:
     if images.shape[-1] != box:
-        raise UserError(star, f"images from row {first + 1} on are {images.shape[-1]} x {images.shape[-1]} pixels "
-                              f"but the optics table says rlnImageSize {box}; fix rlnImageSize or re-extract")
+        b = images.shape[-1]
+        raise UserError(star, f"the images from row {first + 1} on are {b} x {b} pixels, the first ones {box} x "
+                              f"{box} (rlnImageSize or the first stack); one store holds one box: re-extract the "
+                              "particles at one box size, or import them separately")
 
 
-def _reader(star: Path, names: list[str], slices: list[slice], base_dirs: list[Path], out: queue.Queue,
+def _reader(star: Path, names: list[str], slices: list[slice], box: int, base_dirs: list[Path], out: queue.Queue,
             stop: threading.Event) -> None:
-    """Read chunk after chunk into ``out`` (``(i, images)``, or ``(None, exception)``, then ``None`` at the end)."""
+    """Read chunk after chunk into ``out``: ``(i, images)``, then ``None``; or ``(None, exception)``.
+
+    A chunk is read in a few sub-batches into one preallocated array, which keeps
+    ``read_images``' temporaries (it holds about three copies of what it reads)
+    to a fraction of a chunk.
+    """
     from cryodask.io.mrc import read_images
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     try:
         for i, s in enumerate(slices):
-            images = read_images(names[s], base_dir=base_dirs, source=star, first_row=s.start + 1,
-                                 dtype=np.float32, check_finite=True)
-            while not stop.is_set():
-                try:
-                    out.put((i, images), timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+            images = np.empty((s.stop - s.start, box, box), np.float32)
+            step = max(16, -(-(s.stop - s.start) // 4))
+            for a in range(s.start, s.stop, step):
+                b = min(s.stop, a + step)
+                part = read_images(names[a:b], base_dir=base_dirs, source=star, first_row=a + 1,
+                                   dtype=np.float32, check_finite=True)
+                _check_box(star, part, box, a)
+                images[a - s.start:b - s.start] = part
+                del part
+            if not put((i, images)):
                 return
-        out.put(None)
+            del images
+        put(None)
     except BaseException as err:  # handed to the main thread, which raises it
-        out.put((None, err))
+        put((None, err))
 
 
 def _store_dtype(images: np.ndarray, float16: bool, star: Path, first: int) -> np.ndarray:
@@ -579,7 +610,6 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
     from cryodask import __version__
     from cryodask.io.star import read_particles, write_particles
 
-    t0 = time.perf_counter()
     star = Path(star_path)
     out = Path(store_path)
     if out.name in ("", ".", ".."):
@@ -596,7 +626,8 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
 
     table = read_particles(star, angpix=angpix)
     _check_table(star, table)
-    box0 = int(table.box_size())
+    base_dirs = _base_dirs(star)
+    box0 = _table_box(star, table, base_dirs)
     angpix0 = float(table.pixel_size())
     if box0 % 2:
         raise UserError(star, f"the box is {box0} pixels, an odd size; RELION refines only even boxes: re-extract "
@@ -607,7 +638,7 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
             raise UserError("--new_box", f"{new_box} must be an even number of pixels below the current box "
                                          f"{box0}, e.g. --new_box {max(2, (box0 // 2) // 2 * 2)}")
         box = int(new_box)
-    chunk = _check_chunk(chunk, box)
+    chunk = min(_check_chunk(chunk, box), len(table))  # a chunk larger than the data set only wastes disk
     angpix_new = angpix0 * box0 / box
     dtype = np.dtype(np.float16 if float16 else np.float32)
 
@@ -616,14 +647,13 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
     n = len(names)
     n_chunks = -(-n // chunk)
     slices = [slice(i * chunk, min(n, (i + 1) * chunk)) for i in range(n_chunks)]
-    base_dirs = _base_dirs(star)
 
     tmp = parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     stop = threading.Event()
-    q: queue.Queue = queue.Queue(maxsize=2)
-    reader = threading.Thread(target=_reader, args=(star, names, slices, base_dirs, q, stop),
+    q: queue.Queue = queue.Queue(maxsize=1)
+    reader = threading.Thread(target=_reader, args=(star, names, slices, box0, base_dirs, q, stop),
                               name="cryodask-import-reader", daemon=True)
     try:
         group = zarr.create_group(str(tmp), attributes={"cryodask": {"format": FORMAT, "version": VERSION,
@@ -643,7 +673,6 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
             if i is None:
                 raise images
             s = slices[i]
-            _check_box(star, images, box0, s.start)
             if box != box0:
                 images = fourier_crop(images, box)
             stored = _store_dtype(images, float16, star, s.start)
@@ -656,12 +685,11 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
             raise RuntimeError(f"import read {done} of {n_chunks} chunks")
 
         # the table, in store order, with the optics of the stored images
-        optics = table.optics.copy() if table.optics is not None else None
-        if optics is not None and box != box0:
-            optics["rlnImageSize"] = box
+        optics = table.optics.copy()
+        optics["rlnImageSize"] = box  # also filled in when the file did not give it (RELION <= 3.0)
+        if box != box0:
             optics["rlnImagePixelSize"] = angpix_new
-        stored_table = dataclasses.replace(table, optics=optics) if optics is not None else table
-        write_particles(tmp / TABLE, stored_table)
+        write_particles(tmp / TABLE, dataclasses.replace(table, optics=optics))
 
         chunk_files = [tmp / IMAGES / arr.metadata.encode_chunk_key((i, 0, 0)) for i in range(n_chunks)]
         manifest = {
@@ -704,9 +732,7 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
         raise
     finally:
         stop.set()
-    store = open_store(out)
-    store.import_seconds = time.perf_counter() - t0  # for the CLI summary
-    return store
+    return open_store(out)
 
 
 def summary(store: ParticleStore, seconds: float | None = None) -> str:

@@ -119,7 +119,7 @@ BAD = {
     "mixed box sizes": (_mixed_box, [], r"box|size"),
     "mixed pixel sizes": (_mixed_pixel, [], r"pixel size"),
     "odd box": (_odd_box, [], r"odd"),
-    "empty particles loop": (_empty_loop, [], r"empty|no particles|nothing"),
+    "empty particles loop": (_empty_loop, [], r"particles loop (is empty|has no rows)"),
     "existing output": (_existing_output, [], r"already exists.*--overwrite"),
     "odd new box": (lambda d: [], ["--new_box", "15"], r"--new_box.*even"),
     "new box too large": (lambda d: [], ["--new_box", "32"], r"--new_box.*below"),
