@@ -411,7 +411,7 @@ def _slow_rows(text: _Text, blk: _Block) -> list[list[str]]:
             raise UserError(f"{text.path}, line {ln}", f"rows after the blank line {blank_at} in the loop of "
                                                        f"data_{blk.name}; RELION ends a loop at a blank line and "
                                                        "would drop these rows: remove the blank line")
-        if s.startswith(b"loop_") or (s.startswith(b"_") and ncol > 1):
+        if s.startswith((b"loop_", b"_")):
             raise UserError(f"{text.path}, line {ln}", f"{_decode(s.split()[0])} inside the rows of "
                                                        f"data_{blk.name}; RELION allows one loop per block: start "
                                                        "a new data_ block before it")
@@ -431,8 +431,10 @@ def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
     if a >= b or data[a:a + 4096].isspace() and data[a:b].isspace():
         return _typed_empty(cols)
     df = None
-    # single quotes and comment lines need the exact tokenizer; double quotes pandas handles
-    if data.find(b"'", a, b) < 0 and data.find(b"#", a, b) < 0:
+    # single quotes and comment lines need the exact tokenizer, and so do one-column loops,
+    # where a stray loop_ or _label line would otherwise pass for a value; pandas handles
+    # double quotes
+    if len(cols) > 1 and data.find(b"'", a, b) < 0 and data.find(b"#", a, b) < 0:
         # String labels whose first value looks like a number must be read as text ("0001" stays
         # "0001"); the others come out as text anyway, and telling pandas costs time.
         e = data.find(b"\n", a, b)
