@@ -122,7 +122,9 @@ class BackProjector:
         rot = _as_rotations(rotations, xp, rdtype)
         if rot.shape[0] != slices.shape[0]:
             raise ValueError(f"{slices.shape[0]} slices but {rot.shape[0]} rotations")
-        flat, kx, ky = slice_pixels(box, self.r_max, skip_redundant=True, xp=xp)
+        # pixels with |k| <= r_max, decided exactly (RELION tests the rotated |ξ|² <= R² in floating
+        # point, so pixels exactly on the circle go in or not by rounding: ~1e-4 at the last shell)
+        flat, kx, ky = slice_pixels(box, self.radius / self.pad, skip_redundant=True, xp=xp)
         kx = kx.astype(rdtype)
         ky = ky.astype(rdtype)
         vals_all = slices.reshape(slices.shape[0], -1)

@@ -149,8 +149,9 @@ def window_fourier(ft: Any, new_box: int, ndim: int) -> Any:
     """RELION's ``windowFourierTransform`` on FFTW-layout half transforms (the last ``ndim`` axes).
 
     Shrinking keeps frequencies ``-(new_box-1)//2 .. new_box//2`` (Nyquist positive); growing pads
-    with zeros. Values are copied unchanged, so with RELION's normalisation (forward divided by the
-    number of pixels) a cropped then inverse-transformed map keeps its amplitude.
+    with zeros and, as RELION does, keeps only the sphere ``|k| <= old_box//2`` (no corners, which
+    would make the larger transform asymmetric). Values are copied unchanged, so with RELION's
+    normalisation (forward divided by the number of pixels) a resized map keeps its amplitude.
     """
     xp = backend.array_module(ft)
     old_box = ft.shape[-2] if ndim >= 2 else 2 * (ft.shape[-1] - 1)
@@ -167,6 +168,9 @@ def window_fourier(ft: Any, new_box: int, ndim: int) -> Any:
     sel_new = tuple([slice(None)] * len(lead)) + tuple(
         [_as_index(idx_new, d, ndim - 1, xp) for d in range(ndim - 1)]) + (slice(0, nx),)
     out[sel_new] = ft[sel_old]
+    if new_box > old_box:
+        r2 = frequency_radius2(new_box, ndim, xp=xp)
+        out *= (r2 <= (old_box // 2) ** 2)
     return out
 
 

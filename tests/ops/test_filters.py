@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cryodask import backend
-from cryodask.ops.filters import (fftw_frequencies, fourier_crop, fourier_pad, frequency_grid, low_pass_filter,
+from cryodask.ops.filters import (fftw_frequencies, fourier_crop, fourier_pad, frequency_grid, frequency_radius2,
+                                  low_pass_filter,
                                   phase_shift, radial_average, radial_shell_index, real_space_radius,
                                   soft_mask_outside_map, spherical_mask, window_fourier)
 
@@ -76,12 +77,11 @@ def test_fourier_crop_and_pad(rng):
     small = fourier_crop(img, 16)
     xs = np.arange(16)
     assert np.allclose(small, np.cos(2 * np.pi * 3 * xs / 16)[None, :] + 0.5, atol=1e-6)
-    # padding then cropping returns a map whose Nyquist terms are zero
+    # padding then cropping returns a map band-limited to the sphere inside Nyquist (RELION's
+    # windowFourierTransform drops the corners when it grows a transform)
     vol = rng.standard_normal((box,) * 3)
     f = backend.rfftn(vol, axes=(0, 1, 2))
-    f[box // 2] = 0
-    f[:, box // 2] = 0
-    f[:, :, box // 2] = 0
+    f *= frequency_radius2(box, 3) < (box // 2) ** 2
     vol = backend.irfftn(f, (box,) * 3, axes=(0, 1, 2))
     big = fourier_pad(vol, 48)
     assert big.shape == (48,) * 3 and np.isclose(big.mean(), vol.mean())
@@ -99,6 +99,7 @@ def test_window_fourier_keeps_values(rng):
     assert w[1, 3, 2] == f[1, 3, 2] and w[1, 4, 2] == f[1, 4, 2] and w[1, 5, 2] == f[1, 13, 2]
     back = window_fourier(w, 16, 2)
     assert back.shape == (3, 16, 9) and back[1, 13, 2] == f[1, 13, 2] and back[1, 8, 0] == 0
+    assert back[1, 4, 4] == 0 and back[1, 4, 0] == f[1, 4, 0]  # growing keeps |k| <= 4 only
 
 
 def test_phase_shift_integer_is_roll(rng):
