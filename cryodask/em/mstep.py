@@ -5,15 +5,15 @@ Reconstruction follows RELION's ``BackProjector::reconstruct``
 
 1. Hermitian symmetry on the ``x = 0`` plane, then point-group symmetry
    (:meth:`cryodask.ops.backproject.BackProjector.symmetrised`).
-2. With a τ² spectrum (``do_map``): ``W(ξ) = weight(ξ) + 1/(pad³·T·τ²(r))`` for shells
-   ``r >= minres_map`` (``1/(0.001·weight)`` where τ² = 0).
+2. With a τ² spectrum (``do_map``): ``W(ξ) = weight(ξ) + 1/(padᵈ·T·τ²(r))`` for shells
+   ``r >= minres_map`` (``1/(0.001·weight)`` where τ² = 0); d = 3, or 2 for 2D references.
 3. ``V = data / W``, either directly (``skip_gridding``, RELION 4/5's default, with
    RELION 4/5's floor ``max(W, <W>_shell/1000)`` or RELION 3.1's plain division),
    or with RELION 3.1's iterative gridding weights (Pipe & Menon density
    compensation with a Kaiser-Bessel blob; ``relion_reconstruct`` without
    ``--skip_gridding``).
-4. Inverse FFT on the padded box, window to N³, divide by ``pad³·N``, soft mask
-   outside the sphere of radius N/2 (``softMaskOutsideMap``), divide by
+4. Inverse FFT on the padded box, window to N³, divide by ``pad³·N`` (``pad²`` in 2D),
+   soft mask outside the sphere of radius N/2 (``softMaskOutsideMap``), divide by
    sinc²(r/(pad·N)).
 
 The spectra helpers (:func:`reconstruction_sigma2`, :func:`tau2_from_fsc`,
@@ -64,7 +64,7 @@ def reconstruction_sigma2(bp: BackProjector, *, sym: Any = None) -> Any:
     nsh = bp.ori_size // 2 + 1
     inner = bp.radius2() < bp.radius ** 2
     shell = xp.broadcast_to(_shell_round(bp), bp.weight.shape)[inner]
-    w = (bp.pad ** 3) * bp.weight[inner].astype(np.float64)
+    w = (bp.pad ** bp.ndim) * bp.weight[inner].astype(np.float64)
     total = xp.bincount(shell, weights=w, minlength=nsh)[:nsh]
     count = xp.bincount(shell, minlength=nsh)[:nsh].astype(np.float64)
     return xp.where(total > 1e-10, count / xp.where(total > 1e-10, total, 1.0), 0.0)
@@ -102,7 +102,7 @@ def _inverse_tau2(bp: BackProjector, tau2: Any, tau2_fudge: float, w: Any, shell
     if bool(xp.any(t < 0)):
         raise ValueError("reconstruct: negative values in the tau2 spectrum")
     with np.errstate(divide="ignore"):
-        return xp.where(t > 0, 1.0 / (bp.pad ** 3 * tau2_fudge * xp.where(t > 0, t, 1.0)),
+        return xp.where(t > 0, 1.0 / (bp.pad ** bp.ndim * tau2_fudge * xp.where(t > 0, t, 1.0)),
                         1.0 / (0.001 * w))
 
 
@@ -162,15 +162,22 @@ def blob_fourier_profile(rval: Any, *, radius: float = 3.8, alpha: float = 15.0,
 
 
 def _decentre(a: Any) -> Any:
-    """Centred (odd, ``2h+1``) y/z axes to FFTW order; x already starts at 0."""
+    """Centred (odd, ``2h+1``) y/z axes to FFTW order; x (the last axis) already starts at 0."""
     xp = backend.array_module(a)
-    return xp.fft.ifftshift(a, axes=(0, 1))
+    return xp.fft.ifftshift(a, axes=tuple(range(a.ndim - 1)))
+
+
+def _recentre(a: Any) -> Any:
+    xp = backend.array_module(a)
+    return xp.fft.fftshift(a, axes=tuple(range(a.ndim - 1)))
 
 
 def _gridding_weights(bp: BackProjector, w: Any, n_iter: int, blob: dict[str, Any]) -> Any:
     """Pipe & Menon (1999) density compensation on the odd ``2R+3`` grid, as RELION 3.1 does it."""
     xp = backend.array_module(w)
     m = bp.data.shape[0]
+    nd = bp.ndim
+    axes = tuple(range(nd))
     r2 = bp.radius2()
     inner = _decentre(xp.broadcast_to(r2 < bp.radius ** 2, w.shape))
     fweight = _decentre(w.astype(np.float64))
@@ -178,15 +185,20 @@ def _gridding_weights(bp: BackProjector, w: Any, n_iter: int, blob: dict[str, An
     # blob transform in real space; RELION's distances: k if k < M/2 else k - M, over ori_size·pad
     k = np.arange(m)
     k = np.where(k < m // 2, k, k - m).astype(np.float64)
-    rr = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    rr2 = 0.0
+    for d in range(nd):
+        shape = [1] * nd
+        shape[d] = m
+        rr2 = rr2 + (k * k).reshape(shape)
+    rr = np.sqrt(rr2)
     ftblob = blob_fourier_profile(xp.asarray(rr / (bp.ori_size * bp.pad)), **blob)
     # FFTs in the accumulators' precision; the weights themselves stay float64 as in RELION
     cdtype = np.complex128 if bp.weight.dtype == np.float64 else np.complex64
     ftblob = ftblob.astype(bp.weight.dtype)
     for _ in range(n_iter):
         conv = (fnew * fweight).astype(cdtype)
-        real = backend.irfftn(conv, (m, m, m), axes=(0, 1, 2))
-        conv = backend.rfftn(real * ftblob, axes=(0, 1, 2))
+        real = backend.irfftn(conv, (m,) * nd, axes=axes)
+        conv = backend.rfftn(real * ftblob, axes=axes)
         fnew = xp.where(inner, fnew / xp.maximum(xp.abs(conv), 1e-6), fnew)
     return fnew
 
@@ -195,7 +207,7 @@ def reconstruct(bp: BackProjector, *, tau2: Any = None, tau2_fudge: float = 1.0,
                 skip_gridding: bool = True, gridding_iter: int = 10, sym: Any = None,
                 minres_map: int = 5, weight_floor: bool = True, blob_radius: float = 1.9,
                 blob_alpha: float = 15.0, blob_order: int = 0) -> Any:
-    """Reconstruct the real-space map ``(N, N, N)`` from backprojected sums.
+    """Reconstruct the real-space map ``(N, N, N)`` (or image ``(N, N)`` for 2D accumulators) from backprojected sums.
 
     Parameters
     ----------
@@ -247,26 +259,32 @@ def reconstruct(bp: BackProjector, *, tau2: Any = None, tau2_fudge: float = 1.0,
     else:
         fnew = _gridding_weights(bp, w, gridding_iter,
                                  dict(radius=2.0 * blob_radius, alpha=blob_alpha, order=blob_order))
-        v = data * xp.fft.fftshift(fnew, axes=(0, 1))
+        v = data * _recentre(fnew)
     v = v.astype(cdtype)
 
     # window the centred grid into the FFTW grid of the even padded box P: frequencies (-P/2, P/2]
     h = bp.half_extent
     k = np.arange(-h, h + 1)
     ok = (k > -p // 2) & (k <= p // 2)
-    kx = np.arange(v.shape[2])
+    kx = np.arange(v.shape[-1])
     okx = kx <= p // 2
     src_z = xp.asarray(np.nonzero(ok)[0])
     dst = xp.asarray(np.mod(k[ok], p))
     src_x = xp.asarray(np.nonzero(okx)[0])
-    fpad = xp.zeros((p, p, p // 2 + 1), dtype=cdtype)
-    fpad[dst[:, None, None], dst[None, :, None], src_x[None, None, :]] = \
-        v[src_z[:, None, None], src_z[None, :, None], src_x[None, None, :]]
-    vol = backend.irfftn(fpad, (p, p, p), axes=(0, 1, 2))
+    nd = bp.ndim
+    fpad = xp.zeros((p,) * (nd - 1) + (p // 2 + 1,), dtype=cdtype)
+    if nd == 3:
+        fpad[dst[:, None, None], dst[None, :, None], src_x[None, None, :]] = \
+            v[src_z[:, None, None], src_z[None, :, None], src_x[None, None, :]]
+    else:
+        fpad[dst[:, None], src_x[None, :]] = v[src_z[:, None], src_x[None, :]]
+    vol = backend.irfftn(fpad, (p,) * nd, axes=tuple(range(nd)))
     del fpad
     vol = xp.fft.fftshift(vol)
     o = p // 2 - n // 2
-    vol = vol[o:o + n, o:o + n, o:o + n] / (padf ** 3 * n)
+    vol = vol[(slice(o, o + n),) * nd]
+    # slices of a 3D map carry the 2D normalisation (values N times the 3D transform's)
+    vol = vol / (padf ** nd * (n if nd == 3 else 1))
     vol = soft_mask_outside_map(vol.astype(rdtype), n / 2.0, 3.0)
     return grid_correct(vol, padf)
 

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cryodask import backend
-from cryodask.ops.project import _CHUNK_ELEMENTS, _as_rotations, padded_size, slice_pixels, trilinear_corners
+from cryodask.ops.project import (_CHUNK_ELEMENTS, _as_2d_rotations, _as_rotations, bilinear_corners, padded_size,
+                                  slice_pixels, trilinear_corners)
 
 __all__ = ["BackProjector"]
 
@@ -35,7 +36,9 @@ __all__ = ["BackProjector"]
 class BackProjector:
     """Accumulators ``data`` (complex) and ``weight`` (real) of shape ``(2R+3, 2R+3, R+2)``.
 
-    ``R = round(pad·r_max)``; y and z are centred at index ``R+1``, x starts at 0.
+    ``R = round(pad·r_max)``; y and z are centred at index ``R+1``, x starts at 0. With
+    ``ndim=2`` (2D references, RELION ``ref_dim = 2``) the arrays are ``(2R+3, R+2)`` and
+    slices are inserted by in-plane rotation (RELION ``backrotate2D``).
 
     Attributes
     ----------
@@ -60,18 +63,28 @@ class BackProjector:
     is_symmetrised: bool = field(default=False)
 
     @classmethod
-    def zeros(cls, box: int, *, pad: float = 2, r_max: float | None = None, xp: Any = np,
+    def zeros(cls, box: int, *, pad: float = 2, r_max: float | None = None, ndim: int = 3, xp: Any = np,
               double: bool = False) -> "BackProjector":
-        """Empty accumulators for a ``box``³ map; ``r_max`` defaults to (and is capped at) ``box//2``."""
+        """Empty accumulators for a ``box``³ map (``box``² image with ``ndim=2``).
+
+        ``r_max`` defaults to (and is capped at) ``box//2``.
+        """
+        if ndim not in (2, 3):
+            raise ValueError("BackProjector: ndim must be 2 or 3")
         _, padf = padded_size(box, pad)
         r = box // 2 if r_max is None or r_max < 0 else min(int(np.ceil(r_max)), box // 2)
         rad = int(np.floor(padf * r + 0.5))
-        shape = (2 * rad + 3, 2 * rad + 3, rad + 2)
+        shape = (2 * rad + 3,) * (ndim - 1) + (rad + 2,)
         return cls(data=xp.zeros(shape, dtype=backend.complex_dtype(double)),
                    weight=xp.zeros(shape, dtype=backend.real_dtype(double)),
                    ori_size=box, pad=padf, r_max=r)
 
     # -- geometry ---------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        """3 for maps, 2 for 2D references."""
+        return self.data.ndim
+
     @property
     def radius(self) -> int:
         """``R = round(pad·r_max)``: the largest frequency radius of the padded grid kept."""
@@ -82,17 +95,22 @@ class BackProjector:
         """Index of frequency 0 along y and z (``R + 1``)."""
         return (self.data.shape[0] - 1) // 2
 
-    def grid_coordinates(self) -> tuple[Any, Any, Any]:
-        """Integer frequencies ``(kz, ky, kx)`` of the accumulator grid, broadcastable to its shape."""
+    def grid_coordinates(self) -> tuple[Any, ...]:
+        """Integer frequencies ``(kz, ky, kx)`` (``(ky, kx)`` in 2D) of the grid, broadcastable to its shape."""
         xp = backend.array_module(self.data)
         h = self.half_extent
         k = xp.arange(-h, h + 1)
-        return k[:, None, None], k[None, :, None], xp.arange(self.data.shape[2])[None, None, :]
+        kx = xp.arange(self.data.shape[-1])
+        if self.ndim == 2:
+            return k[:, None], kx[None, :]
+        return k[:, None, None], k[None, :, None], kx[None, None, :]
 
     def radius2(self) -> Any:
         """Squared frequency radius (padded-grid units) of every accumulator voxel."""
-        kz, ky, kx = self.grid_coordinates()
-        return kz * kz + ky * ky + kx * kx
+        r2 = 0
+        for k in self.grid_coordinates():
+            r2 = r2 + k * k
+        return r2
 
     # -- accumulation -----------------------------------------------------------------------
     def insert(self, slices: Any, rotations: Any, weights: Any = None) -> None:
@@ -104,7 +122,8 @@ class BackProjector:
             ``(R, box, box//2+1)`` complex, FFTW half layout. ``box`` may be smaller than
             the map's (a windowed ``current_size``): frequencies are in pixels of the map's box.
         rotations
-            ``(R, 3, 3)`` RELION matrices (map to image coordinates).
+            ``(R, 3, 3)`` RELION matrices (map to image coordinates); for 2D accumulators
+            in-plane angles psi ``(R,)`` in degrees or ``(R, 2, 2)`` matrices.
         weights
             ``(R, box, box//2+1)`` real, or None for 1 everywhere. Pixels with weight <= 0
             are skipped, as in RELION.
@@ -119,7 +138,7 @@ class BackProjector:
         box = slices.shape[-2]
         if slices.shape[-1] != box // 2 + 1:
             raise ValueError(f"slices must be (R, box, box//2+1), not {tuple(slices.shape)}")
-        rot = _as_rotations(rotations, xp, rdtype)
+        rot = (_as_rotations if self.ndim == 3 else _as_2d_rotations)(rotations, xp, rdtype)
         if rot.shape[0] != slices.shape[0]:
             raise ValueError(f"{slices.shape[0]} slices but {rot.shape[0]} rotations")
         # pixels with |k| <= r_max, decided exactly (RELION tests the rotated |ξ|² <= R² in floating
@@ -136,7 +155,8 @@ class BackProjector:
         for s in range(0, rot.shape[0], step):
             a = rot[s:s + step]
             xi = self.pad * (kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :])
-            index, tri, negative = trilinear_corners(xi, self.half_extent, self.data.shape)
+            corners = trilinear_corners if self.ndim == 3 else bilinear_corners
+            index, tri, negative = corners(xi, self.half_extent, self.data.shape)
             vals = vals_all[s:s + step][:, flat].astype(self.data.dtype)
             vals = xp.where(negative, xp.conj(vals), vals)
             if w_all is None:
@@ -191,6 +211,8 @@ class BackProjector:
         out._enforce_hermitian_symmetry()
         mats = _symmetry_matrices(sym)
         if len(mats):
+            if self.ndim != 3:
+                raise ValueError("point-group symmetry applies to 3D accumulators only")
             out._apply_point_group(mats)
         out.is_symmetrised = True
         return out
@@ -198,16 +220,18 @@ class BackProjector:
     def _enforce_hermitian_symmetry(self) -> None:
         """x = 0 plane: each (z, y) and (-z, -y) both get the sum of the pair (data conjugated)."""
         xp = backend.array_module(self.data)
-        d0 = self.data[:, :, 0]
-        w0 = self.weight[:, :, 0]
-        h = self.half_extent
-        dsum = d0 + xp.conj(d0[::-1, ::-1])
-        wsum = w0 + w0[::-1, ::-1]
+        x0 = (slice(None),) * (self.ndim - 1) + (0,)
+        flip = (slice(None, None, -1),) * (self.ndim - 1)
+        origin = (self.half_extent,) * (self.ndim - 1)
+        d0 = self.data[x0]
+        w0 = self.weight[x0]
+        dsum = d0 + xp.conj(d0[flip])
+        wsum = w0 + w0[flip]
         # RELION leaves the origin alone (it is its own Friedel mate)
-        dsum[h, h] = d0[h, h]
-        wsum[h, h] = w0[h, h]
-        self.data[:, :, 0] = dsum
-        self.weight[:, :, 0] = wsum
+        dsum[origin] = d0[origin]
+        wsum[origin] = w0[origin]
+        self.data[x0] = dsum
+        self.weight[x0] = wsum
 
     def _apply_point_group(self, mats: np.ndarray) -> None:
         xp = backend.array_module(self.data)

@@ -8,7 +8,7 @@ import pytest
 from cryodask import backend
 from cryodask.geometry.euler import euler_to_matrix
 from cryodask.ops.backproject import BackProjector
-from cryodask.ops.project import Projector, slice_pixels
+from cryodask.ops.project import Projector, Projector2D, slice_pixels
 
 
 def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -145,6 +145,24 @@ def test_windowed_slices_insert_like_full_ones(rng):
     small = BackProjector.zeros(32, r_max=8, double=True)
     small.insert(window_fourier(s, 16, 2), rots)
     assert np.allclose(full.weight, small.weight) and np.allclose(full.data, small.data)
+
+
+def test_2d_accumulators_are_adjoint_to_in_plane_rotation(rng):
+    box = 24
+    bp = BackProjector.zeros(box, ndim=2, double=True)
+    assert bp.data.shape == (51, 26) and bp.ndim == 2
+    grid = rng.standard_normal(bp.data.shape) + 1j * rng.standard_normal(bp.data.shape)
+    proj = Projector2D(data=grid[None], ori_size=box, pad=bp.pad, r_max=box // 2, power_spectrum=None)
+    psi = rng.uniform(-180, 180, 9)
+    s = random_slices(9, box, rng)
+    s[:, box // 2 + 1:, 0] = 0
+    bp.insert(s, psi)
+    assert np.isclose(np.real(np.vdot(s, proj.project(psi)[0])), np.real(np.vdot(bp.data, grid)), rtol=1e-10)
+    sym = bp.symmetrised()
+    h = sym.half_extent
+    assert np.allclose(sym.data[h + 1:, 0], np.conj(sym.data[h - 1::-1, 0]))
+    with pytest.raises(ValueError):
+        bp.symmetrised("C2")
 
 
 @pytest.mark.gpu
