@@ -121,11 +121,6 @@ def _as_rotations(rotations: Any, xp: Any, dtype: Any) -> Any:
     return r
 
 
-def _chunks(n_rot: int, n_pix: int) -> range:
-    step = max(1, _CHUNK_ELEMENTS // max(1, n_pix))
-    return range(0, n_rot, step)
-
-
 @dataclass(frozen=True)
 class Projector:
     """The padded, centred Hermitian half of a map's transform, ready for central slices.
@@ -238,8 +233,9 @@ class Projector:
         ky = xp.asarray(ky, dtype=rdtype)
         out = xp.empty((rot.shape[0], kx.shape[0]), dtype=self.data.dtype)
         flat = self.data.reshape(-1)
-        for s in _chunks(rot.shape[0], kx.shape[0]):
-            a = rot[s:s + _chunk_len(rot.shape[0], kx.shape[0], s)]
+        step = max(1, _CHUNK_ELEMENTS // max(1, kx.shape[0]))
+        for s in range(0, rot.shape[0], step):
+            a = rot[s:s + step]
             # xi = pad * A^T (kx, ky, 0): rows 0 and 1 of A weighted by kx and ky
             xi = self.pad * (kx[None, :, None] * a[:, None, 0, :] + ky[None, :, None] * a[:, None, 1, :])
             index, weight, negative = trilinear_corners(xi, self.half_extent, self.data.shape)
@@ -264,11 +260,6 @@ class Projector:
         out = xp.zeros((rot.shape[0], box * (box // 2 + 1)), dtype=self.data.dtype)
         out[:, flat] = self.sample(rot, kx, ky)
         return out.reshape(rot.shape[0], box, box // 2 + 1)
-
-
-def _chunk_len(n_rot: int, n_pix: int, start: int) -> int:
-    step = max(1, _CHUNK_ELEMENTS // max(1, n_pix))
-    return min(step, n_rot - start)
 
 
 # --- 2D references (classification): in-plane rotations -----------------------------------------
