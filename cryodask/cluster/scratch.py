@@ -33,7 +33,9 @@ RELION's I/O options, kept by name and made safe:
 ``--preread_images``
     Chunks stay in the reading worker's memory across iterations: a per-process
     cache keyed by (store, chunk, chunk hash), so a re-imported store is never
-    served stale. It is module state on purpose (one cache per worker process,
+    served stale. Only a chunk's owner caches it: when the scheduler moves a
+    (loosely pinned) read to another worker, that read goes to disk and is not
+    kept, so each chunk is held once in the cluster. It is module state on purpose (one cache per worker process,
     shared by its threads, like a worker plugin); it holds float32 arrays marked
     read-only. :func:`clear_preread_cache` empties it.
 ``--no_parallel_disc_io``
@@ -65,7 +67,8 @@ from typing import Any
 import numpy as np
 
 from cryodask.errors import UserError
-from cryodask.io.store import MANIFEST, ParticleStore, _format_bytes, chunk_hash, compare_manifests, open_store
+from cryodask.io.store import (MANIFEST, ParticleStore, StarParticles, _format_bytes, chunk_hash, compare_manifests,
+                               open_particles, open_store)
 
 RECORD = "staged.json"
 GB = 1e9  # RELION's --keep_free_scratch is in GB
@@ -324,32 +327,56 @@ def cleanup_workers(client, scratch_dir: PathLike, job_id: str, *, keep_scratch:
 # reading (worker side)
 
 
-def _open_cached(path: str) -> ParticleStore:
-    """Open a store once per process (re-opened when its manifest changes)."""
+def _open_cached(path: str, star: tuple | None = None) -> ParticleStore | StarParticles:
+    """Open a store (or, with ``star=(chunk, angpix, base_dirs)``, a STAR file) once per process.
+
+    Re-opened when the store's manifest (or the STAR file) changes.
+    """
     try:
-        stamp = os.stat(os.path.join(path, MANIFEST)).st_mtime_ns
+        stamp = os.stat(path if star else os.path.join(path, MANIFEST)).st_mtime_ns
     except OSError:
         stamp = -1
-    key = (path, stamp)
+    key = (path, stamp, star)
     with _LOCK:
         s = _STORES.get(key)
     if s is None:
-        s = open_store(path)
+        if star:
+            s = StarParticles(path, chunk=star[0], angpix=star[1], base_dirs=star[2])
+        else:
+            s = open_store(path)
         with _LOCK:
             _STORES[key] = s
     return s
 
 
-def read_chunk(store: PathLike, i: int, *, staged: PathLike | None = None, preread: bool = False) -> np.ndarray:
-    """Chunk ``i`` of a store as float32, from the preread cache, the scratch copy, or the shared store.
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # not running inside a worker
+        return None
+
+
+def read_chunk(store: PathLike, i: int, *, staged: PathLike | None = None, preread: bool = False,
+               star: tuple | None = None, owner: str | None = None) -> np.ndarray:
+    """Chunk ``i`` as float32, from the preread cache, the scratch copy, or the shared store.
 
     Meant to run as a task on a worker. ``staged`` is this node's scratch copy
     (from :func:`stage`); chunks it does not hold, or a copy absent on this node
-    (the task ran elsewhere), are read from ``store``.
+    (the task ran elsewhere), are read from ``store``. With ``star=(chunk, angpix,
+    base_dirs)``, ``store`` is a STAR file read through :class:`StarParticles`.
+    With ``preread``, only the chunk's ``owner`` (a worker address; None = any)
+    keeps it in memory, so a task the scheduler moved to another worker costs a
+    disk read but never a second copy in memory.
     """
     path = str(Path(store).resolve())
-    shared = _open_cached(path)
-    key = (path, int(i), shared.manifest["chunk_hashes"][i])
+    shared = _open_cached(path, star)
+    if star:
+        version = f"star-{os.stat(path).st_mtime_ns}"
+    else:
+        version = shared.manifest["chunk_hashes"][i]
+    key = (path, int(i), version, star)
     if preread:
         with _LOCK:
             hit = _CACHE.get(key)
@@ -363,7 +390,7 @@ def read_chunk(store: PathLike, i: int, *, staged: PathLike | None = None, prere
         data = shared.read_chunk(i)
         _count("shared", 1)
     _count("reads", 1)
-    if preread:
+    if preread and (owner is None or owner == _worker_address()):
         data = np.ascontiguousarray(data)
         data.flags.writeable = False  # shared by every task of this worker: nobody may edit it in place
         with _LOCK:
@@ -411,11 +438,11 @@ def chunk_owners(n_chunks: int, workers: Sequence[str], *, parallel_disc_io: boo
     return [workers[i * len(workers) // max(1, n_chunks)] for i in range(n_chunks)]
 
 
-def chunk_futures(client, store: PathLike | ParticleStore, *, scratch_dir: PathLike | None = None,
-                  job_id: str | None = None, keep_free_gb: float = 10, reuse: bool = False,
-                  preread: bool = False, parallel_disc_io: bool = True,
+def chunk_futures(client, particles: PathLike | ParticleStore | StarParticles, *,
+                  scratch_dir: PathLike | None = None, job_id: str | None = None, keep_free_gb: float = 10,
+                  reuse: bool = False, preread: bool = False, parallel_disc_io: bool = True,
                   run_id: str | None = None, partial: bool = False) -> list:
-    """Futures of every chunk of a store (float32 ``(n_i, B, B)``), read on pinned workers.
+    """Futures of every chunk (float32 ``(n_i, B, B)``), read on pinned workers.
 
     Call it once per iteration; with ``preread`` the second call is served from the
     readers' memory, and with ``scratch_dir`` the first call stages each worker's
@@ -425,8 +452,10 @@ def chunk_futures(client, store: PathLike | ParticleStore, *, scratch_dir: PathL
     ----------
     client
         A ``distributed.Client``.
-    store
-        The shared particle store.
+    particles
+        A particle store, or a STAR file (path, or as opened by
+        :func:`~cryodask.io.store.open_particles`); a STAR file is read straight
+        from its stacks and cannot be staged.
     scratch_dir, job_id, keep_free_gb, reuse, partial
         Stage to node-local scratch first (see :func:`stage`); ``job_id`` is required
         with ``scratch_dir``. Removing the copy at the end of the job is the
@@ -436,7 +465,9 @@ def chunk_futures(client, store: PathLike | ParticleStore, *, scratch_dir: PathL
     parallel_disc_io
         True (default): each worker reads its own contiguous block of chunks,
         pinned with ``allow_other_workers=True``. False (``--no_parallel_disc_io``):
-        one worker reads every chunk (strictly pinned), and the chunks travel.
+        one worker reads every chunk (strictly pinned: if it is lost, these
+        futures wait for it; call again to pick a new reader), and the chunks
+        travel to the tasks that use them.
     run_id
         Shared by the staging tasks of every iteration of one run; default: the
         scheduler's id plus ``job_id``.
@@ -446,14 +477,22 @@ def chunk_futures(client, store: PathLike | ParticleStore, *, scratch_dir: PathL
     list[distributed.Future]
         One per chunk, in order.
     """
-    path = str((store.path if isinstance(store, ParticleStore) else Path(store)).resolve())
-    shared = store if isinstance(store, ParticleStore) else open_store(path)
+    if not isinstance(particles, (ParticleStore, StarParticles)):
+        particles = open_particles(particles)
+    path = str(particles.path.resolve())
+    star = None
+    if isinstance(particles, StarParticles):
+        if scratch_dir is not None:
+            raise UserError("--scratch_dir", f"{particles.path} is a STAR file: scratch holds a particle store; "
+                                             "import the particles first (cryodask import --i "
+                                             f"{particles.path} --o particles.zarr) or run without --scratch_dir")
+        star = (particles.chunk, particles.pixel_size, tuple(str(b) for b in particles.base_dirs))
     workers = list(client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(client) else \
         list(client.scheduler_info()["workers"])
     if not workers:
         client.wait_for_workers(1)
         workers = list(client.scheduler_info()["workers"])
-    owners = chunk_owners(shared.n_chunks, workers, parallel_disc_io=parallel_disc_io)
+    owners = chunk_owners(particles.n_chunks, workers, parallel_disc_io=parallel_disc_io)
     tag = uuid.uuid4().hex[:8]
 
     staged: dict[str, Any] = {}
@@ -470,8 +509,9 @@ def chunk_futures(client, store: PathLike | ParticleStore, *, scratch_dir: PathL
                                       keep_free_gb=keep_free_gb, reuse=reuse, run_id=run_id, partial=partial,
                                       workers=[w], allow_other_workers=True, pure=False,
                                       key=f"cryodask-stage-{tag}-{w}")
-    return [client.submit(read_chunk, path, i, staged=staged.get(w), preread=preread, workers=[w],
-                          allow_other_workers=parallel_disc_io, pure=False, key=f"cryodask-chunk-{tag}-{i}")
+    return [client.submit(read_chunk, path, i, staged=staged.get(w), preread=preread, star=star, owner=w,
+                          workers=[w], allow_other_workers=parallel_disc_io, pure=False,
+                          key=f"cryodask-chunk-{tag}-{i}")
             for i, w in enumerate(owners)]
 
 

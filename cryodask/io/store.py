@@ -365,19 +365,21 @@ class StarParticles:
 
     The same reading interface as :class:`ParticleStore` (``table``, ``n_chunks``,
     ``chunk_slices()``, ``read_chunk(i)``, ``box``, ``pixel_size``), without a
-    manifest. Stack paths are resolved against the working directory at open
-    time (RELION's project folder), then the STAR file's folder.
+    manifest. Stack paths are resolved against ``base_dirs``: by default the
+    working directory at open time (RELION's project folder), then the STAR
+    file's folder.
     """
 
     manifest = None
 
-    def __init__(self, path: PathLike, *, chunk: int | None = None, angpix: float | None = None) -> None:
+    def __init__(self, path: PathLike, *, chunk: int | None = None, angpix: float | None = None,
+                 base_dirs: Sequence[PathLike] | None = None) -> None:
         from cryodask.io.star import read_particles
 
         self.path = Path(path)
         self.table = read_particles(self.path, angpix=angpix)
         _check_table(self.path, self.table)
-        self.base_dirs = _base_dirs(self.path)
+        self.base_dirs = _base_dirs(self.path) if base_dirs is None else [Path(b) for b in base_dirs]
         self.box = _table_box(self.path, self.table, self.base_dirs)
         self.pixel_size = float(self.table.pixel_size())
         self.chunk = min(_check_chunk(chunk, self.box), len(self.table))
@@ -543,8 +545,12 @@ def _reader(star: Path, names: list[str], slices: list[slice], box: int, base_di
             step = max(16, -(-(s.stop - s.start) // 4))
             for a in range(s.start, s.stop, step):
                 b = min(s.stop, a + step)
-                part = read_images(names[a:b], base_dir=base_dirs, source=star, first_row=a + 1,
-                                   dtype=np.float32, check_finite=True)
+                try:
+                    part = read_images(names[a:b], base_dir=base_dirs, source=star, first_row=a + 1,
+                                       dtype=np.float32, check_finite=True)
+                except OSError as err:  # e.g. a stack removed or an I/O error while it is read
+                    raise UserError(star, f"cannot read the images of rows {a + 1}-{b} ({err.strerror or err}); "
+                                          "check the stacks and the file system") from None
                 _check_box(star, part, box, a)
                 images[a - s.start:b - s.start] = part
                 del part
@@ -724,11 +730,14 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         stop.set()
         if reader.is_alive():
             reader.join(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # writing failed: disk full, permissions, quota...
+            raise UserError(out, f"cannot write the store ({err.strerror or err}); check the free space and "
+                                 f"permissions of {parent}, or choose another --o") from None
         raise
     finally:
         stop.set()

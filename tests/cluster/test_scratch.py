@@ -49,7 +49,9 @@ def client():
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}):
+    # no work stealing: reads stay with the worker they are pinned to, so the counts below are exact
+    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error",
+                          "distributed.scheduler.work-stealing": False}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=40)
         with Client(cluster) as c:
@@ -262,6 +264,18 @@ def test_preread_serves_the_second_iteration_from_memory(store, fresh):
     assert stats(fresh).total["reads"] == 10
 
 
+def test_preread_caches_only_on_the_owner(store):
+    sc.clear_preread_cache()
+    sc.reset_read_stats()
+    sc.read_chunk(store.path, 1, preread=True, owner="tcp://elsewhere:1")  # a moved task: not kept
+    sc.read_chunk(store.path, 1, preread=True, owner="tcp://elsewhere:1")
+    assert sc.read_stats()["reads"] == 2 and "cache" not in sc.read_stats()
+    a = sc.read_chunk(store.path, 1, preread=True)  # outside a cluster anyone may keep it
+    b = sc.read_chunk(store.path, 1, preread=True)
+    assert b is a and not b.flags.writeable
+    assert sc.read_stats()["cache"] == 1 and sc.clear_preread_cache() == 1
+
+
 def test_no_parallel_disc_io_one_reader(store, fresh):
     futs = sc.chunk_futures(fresh, store, parallel_disc_io=False)
     chunks = fresh.gather(futs)
@@ -282,3 +296,23 @@ def test_chunk_owners():
     assert sc.chunk_owners(5, ["b", "a"]) == ["a", "a", "a", "b", "b"]
     assert sc.chunk_owners(3, ["b", "a"], parallel_disc_io=False) == ["a", "a", "a"]
     assert sc.job_folder("/s", "Class3D/job012/").name == "Class3D_job012"
+
+
+def test_chunk_futures_from_a_star_file(store, tmp_path, fresh):
+    """A STAR file is served the same way, straight from its stacks (and cannot be staged)."""
+    star = tmp_path / "proj" / "particles.star"
+    futs = sc.chunk_futures(fresh, star, preread=True)
+    assert len(futs) == 1  # the default chunk at box 16 holds all 40 particles
+    np.testing.assert_array_equal(fresh.gather(futs)[0], np.asarray(store.images[:]))
+    from cryodask.io.store import open_particles
+
+    p = open_particles(star, chunk=CHUNK)
+    first = fresh.gather(sc.chunk_futures(fresh, p, preread=True))
+    again = fresh.gather(sc.chunk_futures(fresh, p, preread=True))
+    for i in range(5):
+        np.testing.assert_array_equal(first[i], store.read_chunk(i))
+        np.testing.assert_array_equal(again[i], first[i])
+    s = stats(fresh).total
+    assert (s["reads"], s["cache"]) == (1 + 5, 5)
+    with pytest.raises(UserError, match="STAR file: scratch holds a particle store"):
+        sc.chunk_futures(fresh, p, scratch_dir=tmp_path / "scratch", job_id="j")

@@ -370,3 +370,27 @@ def test_import_real_files_refused(shared_data, tmp_path):
     with pytest.raises(UserError, match="odd box of 65"):
         st.import_particles(shared_data / "star/aspire/rln_proj_65.star", tmp_path / "b.zarr", angpix=1.0)
     assert not (tmp_path / "b.zarr").exists()
+
+
+def test_disk_full_while_writing_is_a_user_error(dataset, tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    star, _, _ = dataset
+    real = zarr.Array.__setitem__
+    calls = []
+
+    def full(self, key, value):
+        calls.append(key)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    with pytest.raises(UserError, match=r"cannot write the store \(No space left on device\)") as e:
+        st.import_particles(star, tmp_path / "full.zarr", chunk=16)
+    assert e.value.where == str(tmp_path / "full.zarr") and len(calls) == 3
+    assert not list(tmp_path.glob("full.zarr*"))
+    with pytest.raises(UserError, match="folder .*nowhere does not exist"):
+        st.import_particles(star, tmp_path / "nowhere" / "x.zarr")
