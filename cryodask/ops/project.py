@@ -30,7 +30,7 @@ from cryodask import backend
 from cryodask.ops.filters import fftw_frequencies, real_space_radius
 
 __all__ = ["Projector", "Projector2D", "grid_correct", "padded_size", "slice_pixels", "trilinear_corners",
-           "bilinear_corners", "in_plane_rotations", "project_2d"]
+           "bilinear_corners", "in_plane_rotations", "project_2d", "project_images"]
 
 #: number of (orientation, pixel) pairs handled at once; bounds temporary memory to ~100 MB
 _CHUNK_ELEMENTS = 1 << 21
@@ -261,6 +261,48 @@ class Projector:
         out[:, flat] = self.sample(rot, kx, ky)
         return out.reshape(rot.shape[0], box, box // 2 + 1)
 
+
+
+def project_images(volume: Any, rot: Any, tilt: Any, psi: Any, *, origins: Any = None, ctf: Any = None,
+                   pad: float = 2, r_max: float | None = None, chunk: int = 512) -> Any:
+    """Real-space projection images ``(N, box, box)`` of a map, as ``relion_project`` makes them.
+
+    Parameters
+    ----------
+    volume
+        ``(box, box, box)`` map (NumPy or CuPy).
+    rot, tilt, psi
+        RELION Euler angles in degrees, ``(N,)`` each.
+    origins
+        ``(N, 2)`` RELION origins in pixels (``rlnOriginXAngst / pixel size``): the image shows
+        the particle moved by ``-origin``, so that reconstruction recentres it by ``+origin``.
+    ctf
+        ``(N, box, box//2+1)`` CTFs (FFTW half layout) to multiply the projections by, or None.
+    pad, r_max
+        Projector padding and frequency limit (default: the whole padded transform, as
+        ``relion_project`` without ``--maxres``; the images are limited to Nyquist anyway).
+    chunk
+        Particles per batch (bounds memory).
+    """
+    from cryodask.geometry.euler import euler_to_matrix
+    from cryodask.ops.filters import phase_shift
+
+    xp = backend.array_module(volume)
+    box = volume.shape[0]
+    projector = Projector.from_map(volume, pad=pad, r_max=box if r_max is None else r_max)
+    rots = euler_to_matrix(rot, tilt, psi).reshape(-1, 3, 3)
+    n = rots.shape[0]
+    out = xp.empty((n, box, box), dtype=np.float32)
+    for s in range(0, n, chunk):
+        sl = slice(s, min(n, s + chunk))
+        f = projector.project(rots[sl], box=box)
+        if origins is not None:
+            f = phase_shift(f, -xp.asarray(origins, dtype=np.float64).reshape(-1, 2)[sl])
+        if ctf is not None:
+            f = f * xp.asarray(ctf[sl])
+        img = backend.irfftn(f, (box, box), axes=(1, 2))
+        out[sl] = xp.fft.fftshift(img, axes=(1, 2))
+    return out
 
 # --- 2D references (classification): in-plane rotations -----------------------------------------
 

@@ -12,7 +12,8 @@ from scipy.ndimage import map_coordinates
 from cryodask import backend
 from cryodask.geometry.euler import euler_to_matrix
 from cryodask.ops.filters import phase_shift, window_fourier
-from cryodask.ops.project import Projector, Projector2D, grid_correct, in_plane_rotations, project_2d, slice_pixels
+from cryodask.ops.project import (Projector, Projector2D, grid_correct, in_plane_rotations, project_2d, project_images,
+                                  slice_pixels)
 
 
 def blob_phantom(box: int, rng: np.random.Generator, n_blobs: int = 7) -> np.ndarray:
@@ -172,6 +173,9 @@ def test_parity_with_relion_project(relion, tmp_path, rng):
         corr = np.real(np.vdot(fa, fb)) / np.sqrt(np.vdot(fa, fa).real * np.vdot(fb, fb).real)
         assert corr > 0.9999, corr
         assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
+    # the convenience wrapper makes the same images (float32, the whole padded transform as relion_project)
+    imgs = project_images(vol, angles[:, 0], angles[:, 1], angles[:, 2], origins=origins)
+    assert imgs.dtype == np.float32 and np.abs(imgs - theirs).max() < 1e-4 * np.abs(theirs).max()
     # and the opposite sign is clearly wrong
     wrong = to_images(phase_shift(slices[-2:], origins[-2:]), box)
     assert np.corrcoef(wrong[0].ravel(), theirs[-2].ravel())[0, 1] < 0.9
