@@ -424,6 +424,75 @@ def _slow_rows(text: _Text, blk: _Block) -> list[list[str]]:
     return rows
 
 
+_SPLIT_BYTES = 32 << 20  # loops bigger than this are parsed in pieces, one thread each
+
+
+def _workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+def _count_lines(data: bytes, a: int, b: int) -> int:
+    """Newlines in ``data[a:b]``, counted by NumPy in blocks (it lets go of the GIL; bytes.count does not)."""
+    buf = np.frombuffer(data, np.uint8)
+    step = 16 << 20
+    return sum(int(np.count_nonzero(buf[i:min(b, i + step)] == _NL)) for i in range(a, b, step))
+
+
+def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> tuple[pd.DataFrame, int]:
+    """pandas' C parser over ``data[a:b]`` (whole lines); also the number of newlines there."""
+    # String labels whose first value looks like a number must be read as text ("0001" stays
+    # "0001"); the others come out as text anyway, and telling pandas costs time.
+    e = data.find(b"\n", a, b)
+    first = _tokens(_decode(data[a:b if e < 0 else e]))
+    if len(first) != len(cols):  # pandas would drop extra fields of a first line without a word
+        raise pd.errors.ParserError("wrong number of fields")
+    str_cols = {c: str for c, t in zip(cols, first, strict=True) if label_type(c) == "str" and _numeric(t)}
+    if b == len(data) or data[b:].isspace():
+        src = io.BytesIO(data)  # no copy of a big loop at the end of the file
+        src.seek(a)
+    else:
+        src = io.BytesIO(data[a:b])
+    df = pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None, engine="c",
+                     na_filter=False, quoting=quoting, quotechar='"', index_col=False, encoding="utf-8",
+                     encoding_errors="replace")
+    return df, _count_lines(data, a, b)
+
+
+def _parse_fast(data: bytes, a: int, b: int, cols: list[str]) -> tuple[pd.DataFrame, int] | None:
+    """The loop's rows through pandas, in parallel pieces when big, and the number of newlines there.
+
+    None when it needs the exact tokenizer.
+    """
+    quoting = csv.QUOTE_MINIMAL if data.find(b'"', a, b) >= 0 else csv.QUOTE_NONE
+    k = min(_workers(), (b - a) // _SPLIT_BYTES + 1)
+    cuts = [a]
+    for i in range(1, k):  # split after a newline, so every piece holds whole lines
+        c = data.find(b"\n", max(cuts[-1], a + (b - a) * i // k), b)
+        cuts.append(b if c < 0 else c + 1)
+    cuts.append(b)
+    bounds = [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) if lo < hi]
+    try:
+        if len(bounds) == 1:
+            return _parse_piece(data, a, b, cols, quoting)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(bounds)) as ex:  # the C parser lets go of the GIL much of the time
+            pieces = list(ex.map(lambda ab: _parse_piece(data, ab[0], ab[1], cols, quoting), bounds))
+    except (pd.errors.ParserError, ValueError, IndexError):
+        return None
+    for c in cols:  # pieces must agree on text versus numbers, or pandas' guess differed: read whole
+        if len({_is_text(p[c]) for p, _ in pieces}) > 1:
+            try:
+                return _parse_piece(data, a, b, cols, quoting)
+            except (pd.errors.ParserError, ValueError, IndexError):
+                return None
+    return pd.concat([p for p, _ in pieces], ignore_index=True), sum(n for _, n in pieces)
+
+
 def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
     assert blk.columns is not None
     cols = blk.columns
@@ -435,25 +504,10 @@ def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
     # where a stray loop_ or _label line would otherwise pass for a value; pandas handles
     # double quotes
     if len(cols) > 1 and data.find(b"'", a, b) < 0 and data.find(b"#", a, b) < 0:
-        # String labels whose first value looks like a number must be read as text ("0001" stays
-        # "0001"); the others come out as text anyway, and telling pandas costs time.
-        e = data.find(b"\n", a, b)
-        first = _tokens(_decode(data[a:b if e < 0 else e]))
-        str_cols = {c: str for c, t in zip(cols, first, strict=False) if label_type(c) == "str" and _numeric(t)}
-        quoting = csv.QUOTE_MINIMAL if data.find(b'"', a, b) >= 0 else csv.QUOTE_NONE
-        if b == len(data) or data[b:].isspace():
-            src = io.BytesIO(data)  # no copy of a big loop at the end of the file
-            src.seek(a)
-        else:
-            src = io.BytesIO(data[a:b])
-        try:
-            df = pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None,
-                             engine="c", na_filter=False, quoting=quoting, quotechar='"', index_col=False,
-                             encoding="utf-8", encoding_errors="replace")
-        except (pd.errors.ParserError, ValueError, IndexError):
-            df = None
-        if df is not None:
-            nlines = data.count(b"\n", a, b) + (0 if data[b - 1] == 0x0A else 1)
+        parsed = _parse_fast(data, a, b, cols)
+        if parsed is not None:
+            df, nlines = parsed
+            nlines += 0 if data[b - 1] == 0x0A else 1
             last = df[cols[-1]]
             short = bool((last == "").any()) if _is_text(last) else bool(last.isna().any())
             if len(df) != nlines or short:
@@ -464,7 +518,10 @@ def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
             return _typed_empty(cols)
         df = pd.DataFrame({c: pd.Series([r[j] for r in rows], dtype=str) for j, c in enumerate(cols)})
     for c in cols:
-        df[c] = _convert(df[c], c, text, blk)
+        col = df[c]
+        s = _convert(col, c, text, blk)
+        if s is not col:
+            df[c] = s
     return df
 
 
@@ -496,6 +553,8 @@ def _convert(s: pd.Series, label: str, text: _Text, blk: _Block) -> pd.Series:
     if kind == "str":
         return s if _is_text(s) else s.astype(str)
     if kind == "float":
+        if s.dtype == np.float64:
+            return s
         if s.dtype.kind in "fiub":
             return s.astype(np.float64)
         v = _as_float(s)
@@ -506,6 +565,8 @@ def _convert(s: pd.Series, label: str, text: _Text, blk: _Block) -> pd.Series:
                             "fix the value")
         return pd.Series(v, index=s.index, name=s.name)
     if kind == "int":
+        if s.dtype == np.int64:
+            return s
         if s.dtype.kind in "iub":
             return s.astype(np.int64)
         v = s.to_numpy(dtype=np.float64) if s.dtype.kind == "f" else _as_float(s)
@@ -518,13 +579,13 @@ def _convert(s: pd.Series, label: str, text: _Text, blk: _Block) -> pd.Series:
         return pd.Series(v.astype(np.int64), index=s.index, name=s.name)
     # a label RELION does not know: numbers if every value is one, else text
     if _is_text(s):
-        obj = np.asarray(s, dtype=object)
-        if len(obj) and not (s.astype(str).str.strip() == "").any():  # to_numeric would take "" for NaN
-            try:
-                return pd.Series(pd.to_numeric(obj), index=s.index, name=s.name)
-            except (ValueError, TypeError):
-                pass
-        return s
+        try:
+            num = pd.Series(pd.to_numeric(np.asarray(s, dtype=object)), index=s.index, name=s.name)
+        except (ValueError, TypeError):
+            return s
+        if num.dtype.kind == "f" and num.isna().any() and (s.astype(str).str.strip() == "").any():
+            return s  # to_numeric took "" for NaN: the column is text
+        return num
     return s
 
 
@@ -885,8 +946,19 @@ def _write_block(f: Any, name: str, block: pd.DataFrame | Mapping[str, Any]) -> 
         if len(set(cols)) != len(cols):
             raise ValueError(f"block {name!r}: duplicate column names")
         f.write(b"loop_ \n" + "".join(f"_{c} #{i + 1} \n" for i, c in enumerate(cols)).encode())
-        for a in range(0, len(block), _CHUNK):
-            f.write(_loop_bytes(block, a, min(len(block), a + _CHUNK)))
+        starts = list(range(0, len(block), _CHUNK))
+        k = _workers()
+        if len(starts) < 2 or k < 2:
+            for a in starts:
+                f.write(_loop_bytes(block, a, min(len(block), a + _CHUNK)))
+        else:  # NumPy lets go of the GIL: format a few row blocks at once, write them in order
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(k) as ex:
+                for w in range(0, len(starts), 2 * k):
+                    for text in ex.map(lambda a: _loop_bytes(block, a, min(len(block), a + _CHUNK)),
+                                       starts[w:w + 2 * k]):
+                        f.write(text)
     elif isinstance(block, Mapping):
         width = max((len(str(k)) for k in block), default=0) + 2
         for k, v in block.items():
@@ -1129,8 +1201,8 @@ def _to_angstrom(parts: pd.DataFrame, ps: np.ndarray, path: Path) -> pd.DataFram
             raise UserError(where(path, row=i + 1, field=px),
                             f"origins are in pixels but the pixel size is unknown, so they cannot be converted "
                             "to Å; give the pixel size with --angpix")
-        parts[ang] = np.where(v == 0, 0.0, v * ps)
-    return parts.drop(columns=drop)
+        parts = parts.assign(**{ang: np.where(v == 0, 0.0, v * ps)})
+    return parts.drop(columns=drop) if drop else parts
 
 
 def read_particles(path: str | os.PathLike[str], *, angpix: float | None = None,
@@ -1179,7 +1251,6 @@ def read_particles(path: str | os.PathLike[str], *, angpix: float | None = None,
     if optics_block is not None:
         version = file_version if file_version and file_version != "30001" else "30001"
         optics = optics_block.reset_index(drop=True).copy()
-        parts = parts.copy()
         if len(optics) == 0:
             raise UserError(where(p, field="data_optics"), "the optics loop has no rows; add the optics groups")
         if "rlnOpticsGroup" not in optics.columns:
@@ -1199,7 +1270,7 @@ def read_particles(path: str | os.PathLike[str], *, angpix: float | None = None,
                 raise UserError(where(p, field="rlnOpticsGroup"),
                                 f"data_optics has {len(optics)} groups but the particles have no rlnOpticsGroup "
                                 "column; add it")
-            parts["rlnOpticsGroup"] = np.int64(optics["rlnOpticsGroup"].iloc[0])
+            parts = parts.assign(rlnOpticsGroup=np.int64(optics["rlnOpticsGroup"].iloc[0]))
     else:
         version = file_version if file_version else "legacy"
         optics, parts = _optics_from_particles(parts)

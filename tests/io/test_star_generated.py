@@ -396,3 +396,31 @@ def test_write_is_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_star(p, {"a": {"rlnX": 2}, "b": 3})
     assert p.read_bytes() == before and [q.name for q in tmp_path.iterdir()] == ["keep.star"]
+
+
+def test_big_loops_parse_in_pieces_the_same(tmp_path, rng, monkeypatch):
+    import cryodask.io.star as star_mod
+
+    t = _table(rng, 3000)
+    t.particles["myMixed"] = pd.Series(["7"] * 2999 + ["x"], dtype=str)  # pieces disagree on text vs numbers
+    t.particles["rlnMicrographName"] = pd.Series(["a.mrc"] * 1500 + ["0001"] * 1500, dtype=str)
+    write_particles(tmp_path / "p.star", t)
+    whole = read_particles(tmp_path / "p.star")
+    monkeypatch.setattr(star_mod, "_SPLIT_BYTES", 20_000)
+    monkeypatch.setattr(star_mod, "_workers", lambda: 3)
+    pieces = read_particles(tmp_path / "p.star")
+    pd.testing.assert_frame_equal(pieces.particles, whole.particles)
+    assert pieces.particles["rlnMicrographName"].iloc[-1] == "0001"
+    assert pieces.particles["myMixed"].iloc[0] == "7"
+    _same(t.particles, pieces.particles)
+    text = (tmp_path / "p.star").read_text()
+    line = text[:text.index("002500@")].count("\n") + 1
+    (tmp_path / "bad.star").write_text(text.replace("002500@", "x 002500@"))
+    with pytest.raises(UserError) as e:  # an error in one piece still names its line
+        read_particles(tmp_path / "bad.star")
+    assert e.value.where == f"{tmp_path / 'bad.star'}, line {line}"
+    first = text.index("\n", text.index("_myMixed")) + 1  # an extra field on the first row
+    (tmp_path / "bad.star").write_text(text[:first] + "x " + text[first:])
+    with pytest.raises(UserError) as e:
+        read_particles(tmp_path / "bad.star")
+    assert e.value.where.endswith(f", line {text[:first].count(chr(10)) + 1}")
