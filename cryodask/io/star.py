@@ -280,7 +280,7 @@ def _block_start(data: bytes, pos: int) -> int:
         if i == ls or not data[ls:i].strip():
             e = data.find(b"\n", i)
             e = n if e < 0 else e
-            if len(data[i:e].split()) == 1:
+            if len(data[i:e].split(b"#", 1)[0].split()) == 1:
                 return ls
         pos = i + 5
 
@@ -319,7 +319,7 @@ def _scan(text: _Text) -> tuple[list[_Block], str | None]:
                 version = m.group(1).decode()
             continue
         if s.startswith(b"data_"):
-            parts = s.split()
+            parts = s.split(b"#", 1)[0].split()  # a trailing comment is fine
             if len(parts) > 1:
                 raise UserError(text.at_line(line_pos), f"unexpected text after {_decode(parts[0])}; a block "
                                                         "header is data_NAME alone on its line")
@@ -451,7 +451,7 @@ def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> 
     if len(first) != len(cols):  # pandas would drop extra fields of a first line without a word
         raise pd.errors.ParserError("wrong number of fields")
     str_cols = {c: str for c, t in zip(cols, first, strict=True) if label_type(c) == "str" and _numeric(t)}
-    if b == len(data) or data[b:].isspace():
+    if b == len(data) or (len(data) - b < 65536 and data[b:].isspace()):
         src = io.BytesIO(data)  # no copy of a big loop at the end of the file
         src.seek(a)
     else:
