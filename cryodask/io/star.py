@@ -268,21 +268,20 @@ def _read_bytes(path: Path) -> bytes:
 def _block_start(data: bytes, pos: int) -> int:
     """Offset of the line of the next ``data_NAME`` header at or after ``pos`` (len(data) when none).
 
-    A block header is ``data_`` first on its line and alone on it, so a one-column
-    loop row such as ``data_001.mrc`` in a two-column loop is not taken for one.
+    After a loop's rows a block header must start its line and stand alone on it (a
+    trailing ``# comment`` aside), so ``data_001.mrc`` as a value in a row, or
+    ``/data_disk/...`` in a file name, is never taken for one.
     """
     n = len(data)
     while True:
-        i = data.find(b"data_", pos)
+        i = data.find(b"\ndata_", pos - 1 if pos else 0)
         if i < 0:
             return n
-        ls = data.rfind(b"\n", 0, i) + 1
-        if i == ls or not data[ls:i].strip():
-            e = data.find(b"\n", i)
-            e = n if e < 0 else e
-            if len(data[i:e].split(b"#", 1)[0].split()) == 1:
-                return ls
-        pos = i + 5
+        e = data.find(b"\n", i + 1)
+        e = n if e < 0 else e
+        if len(data[i + 1:e].split(b"#", 1)[0].split()) == 1:
+            return i + 1
+        pos = i + 6
 
 
 def _trim_back(data: bytes, start: int, end: int) -> int:
