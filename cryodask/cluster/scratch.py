@@ -58,6 +58,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -261,10 +262,14 @@ def stage(store: PathLike | ParticleStore, scratch_dir: PathLike, *, job_id: str
                 _count("reused", 1)
         if record is None:
             record = {"run_id": run_id, "source": str(store.path.resolve()), "chunks": []}
-            for name in ("zarr.json", f"images/zarr.json", "particles.star"):
-                _copy_atomic(store.path / name, target / name)
-            _copy_atomic(store.path / MANIFEST, target / MANIFEST)
-            _write_json_atomic(target / RECORD, record)
+            try:
+                for name in ("zarr.json", "images/zarr.json", "particles.star", MANIFEST):
+                    _copy_atomic(store.path / name, target / name)
+                _write_json_atomic(target / RECORD, record)
+            except OSError as err:
+                raise UserError(f"--scratch_dir {scratch_dir}", f"cannot write to {target} "
+                                                                f"({err.strerror or err}); check the scratch "
+                                                                "disk, or run without --scratch_dir") from None
 
         have = set(record["chunks"])
         missing = [c for c in want if c not in have]
@@ -286,22 +291,36 @@ def stage(store: PathLike | ParticleStore, scratch_dir: PathLike, *, job_id: str
                 used += nbytes[c]
             _count("not_staged", len(missing) - len(fits))
             missing = fits
-        copy = None
-        for c in missing:
-            src = store.chunk_file(c)
-            if not src.is_file():
-                raise UserError(src, f"chunk {c} of the store is missing; the store is damaged: import it again")
-            copy = copy or open_store(target)
-            dst = copy.chunk_file(c)
-            _copy_atomic(src, dst)
-            if dst.stat().st_size != nbytes[c] or (
-                    verify == "full" and chunk_hash(copy.read_chunk_stored(c)) != store.manifest["chunk_hashes"][c]):
-                dst.unlink()
-                raise UserError(dst, f"the scratch copy of chunk {c} differs from the store after copying; check "
-                                     "the scratch disk, or run without --scratch_dir")
-            record["chunks"] = sorted(set(record["chunks"]) | {c})
-            _write_json_atomic(target / RECORD, record)  # chunk c counts as staged from here on
-            _count("copied", 1)
+        copy = open_store(target) if missing else None
+        have = set(record["chunks"])
+        last = time.monotonic()
+        try:
+            for k, c in enumerate(missing):
+                src = store.chunk_file(c)
+                if not src.is_file():
+                    raise UserError(src, f"chunk {c} of the store is missing; the store is damaged: import it "
+                                         "again")
+                dst = copy.chunk_file(c)
+                _copy_atomic(src, dst)
+                if dst.stat().st_size != nbytes[c] or (verify == "full" and chunk_hash(copy.read_chunk_stored(c))
+                                                       != store.manifest["chunk_hashes"][c]):
+                    dst.unlink()
+                    raise UserError(dst, f"the scratch copy of chunk {c} differs from the store after copying; "
+                                         "check the scratch disk, or run without --scratch_dir")
+                have.add(c)
+                _count("copied", 1)
+                # a chunk counts as staged once the record lists it; the record is rewritten about once a second
+                if k == len(missing) - 1 or time.monotonic() - last > 1.0:
+                    record["chunks"] = sorted(have)
+                    _write_json_atomic(target / RECORD, record)
+                    last = time.monotonic()
+        except OSError as err:  # scratch full after all, or an I/O error on either disk
+            record["chunks"] = sorted(have)  # the chunks copied whole so far stay usable
+            with contextlib.suppress(OSError):
+                _write_json_atomic(target / RECORD, record)
+            raise UserError(f"--scratch_dir {scratch_dir}", f"copying the store to {target} failed "
+                                                            f"({err.strerror or err}); check the scratch disk, "
+                                                            "or run without --scratch_dir") from None
     return target
 
 
@@ -519,3 +538,33 @@ def _takes_n_workers(client) -> bool:
     import inspect
 
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line options (shared by every job that reads particles)
+
+
+def add_scratch_args(parser) -> None:
+    """Add RELION's I/O options to a job's ``argparse`` parser (one argument group)."""
+    g = parser.add_argument_group("scratch and disc I/O (RELION's options)")
+    g.add_argument("--scratch_dir", default=None, metavar="DIR",
+                   help="copy each node's share of the particle store to this node-local folder first")
+    g.add_argument("--keep_free_scratch", type=float, default=10.0, metavar="GB",
+                   help="GB to leave free on the scratch disk (default 10)")
+    g.add_argument("--keep_scratch", action="store_true", help="keep the scratch copy after the job")
+    g.add_argument("--reuse_scratch", action="store_true",
+                   help="reuse a kept scratch copy, after checking it against the store's manifest")
+    g.add_argument("--preread_images", action="store_true",
+                   help="keep the particle images in the workers' memory across iterations")
+    g.add_argument("--no_parallel_disc_io", action="store_true",
+                   help="one worker reads all particles (for file systems that suffer under many readers)")
+
+
+def scratch_options(args) -> dict[str, Any]:
+    """The keyword arguments of :func:`chunk_futures` from :func:`add_scratch_args`' options."""
+    if args.keep_free_scratch < 0:
+        raise UserError("--keep_free_scratch", f"{args.keep_free_scratch:g} GB is negative; give 0 or more")
+    if args.reuse_scratch and not args.scratch_dir:
+        raise UserError("--reuse_scratch", "needs --scratch_dir (the folder holding the copy to reuse)")
+    return {"scratch_dir": args.scratch_dir, "keep_free_gb": args.keep_free_scratch, "reuse": args.reuse_scratch,
+            "preread": args.preread_images, "parallel_disc_io": not args.no_parallel_disc_io}

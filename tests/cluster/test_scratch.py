@@ -316,3 +316,45 @@ def test_chunk_futures_from_a_star_file(store, tmp_path, fresh):
     assert (s["reads"], s["cache"]) == (1 + 5, 5)
     with pytest.raises(UserError, match="STAR file: scratch holds a particle store"):
         sc.chunk_futures(fresh, p, scratch_dir=tmp_path / "scratch", job_id="j")
+
+
+def test_command_line_options():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sc.add_scratch_args(p)
+    a = p.parse_args([])
+    assert sc.scratch_options(a) == {"scratch_dir": None, "keep_free_gb": 10.0, "reuse": False, "preread": False,
+                                     "parallel_disc_io": True}
+    a = p.parse_args(["--scratch_dir", "/s", "--keep_free_scratch", "2.5", "--keep_scratch", "--reuse_scratch",
+                      "--preread_images", "--no_parallel_disc_io"])
+    assert sc.scratch_options(a) == {"scratch_dir": "/s", "keep_free_gb": 2.5, "reuse": True, "preread": True,
+                                     "parallel_disc_io": False}
+    assert a.keep_scratch
+    with pytest.raises(UserError, match="needs --scratch_dir"):
+        sc.scratch_options(p.parse_args(["--reuse_scratch"]))
+
+
+def test_copy_failure_is_a_user_error(store, tmp_path, monkeypatch):
+    import errno
+
+    real = shutil.copyfile
+    n = []
+
+    def failing(src, dst, *a, **k):
+        n.append(src)
+        if len(n) == 7:  # 4 metadata files, then the third chunk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(sc.shutil, "copyfile", failing)
+    with pytest.raises(UserError, match=r"copying the store to .* failed \(No space left on device\)"):
+        sc.stage(store, tmp_path / "scratch", job_id="j", run_id="r")
+    path = sc.job_folder(tmp_path / "scratch", "j") / "p.zarr"
+    assert sc.staged_chunks(path) == {0, 1}  # the chunks copied whole, never the broken one
+    assert not list(path.rglob(".*.tmp-*"))
+    monkeypatch.setattr(sc.shutil, "copyfile", real)
+    sc.reset_read_stats()
+    sc.stage(store, tmp_path / "scratch", job_id="j", run_id="r")  # the same run completes the copy
+    assert sc.staged_chunks(path) == {0, 1, 2, 3, 4} and sc.read_stats()["copied"] == 3
+    open_store(path).verify()
