@@ -64,14 +64,11 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
-    from cryodask import backend
     from cryodask.errors import UserError, where
-    from cryodask.geometry.euler import euler_to_matrix
     from cryodask.io.mrc import read_map, write_stack
     from cryodask.io.star import ParticleTable, read_particles, write_particles
     from cryodask.ops.ctf import ctf_2d, ctf_params
-    from cryodask.ops.filters import phase_shift
-    from cryodask.ops.project import Projector
+    from cryodask.ops.project import Projector, project_images
 
     vol, map_apix = read_map(args.i)
     if vol.ndim != 3 or len(set(vol.shape)) != 1 or vol.shape[0] < 2:
@@ -122,18 +119,16 @@ def main(args: argparse.Namespace) -> int:
     # relion_project keeps the whole padded transform unless --maxres limits it
     r_max = box if args.maxres < 0 else math.ceil(box * apix / args.maxres)
     projector = Projector.from_map(vol, pad=args.pad, r_max=r_max)
-    rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    n = len(rots)
+    n = len(angles)
     images = np.empty((n, box, box), dtype=np.float32)
     for s in range(0, n, _CHUNK):
         sl = slice(s, min(n, s + _CHUNK))
-        f = projector.project(rots[sl], box=box)
-        f = phase_shift(f, -origins[sl])  # the particle sits at -origin
+        ctf = None
         if ctf_kw is not None:
-            f = f * ctf_2d(box, apix, **{k: v[sl] for k, v in ctf_kw.items()},
-                           ctf_intact_first_peak=args.ctf_intact_first_peak)
-        img = backend.irfftn(f, (box, box), axes=(1, 2))
-        images[sl] = np.fft.fftshift(img, axes=(1, 2))
+            ctf = ctf_2d(box, apix, **{k: v[sl] for k, v in ctf_kw.items()},
+                         ctf_intact_first_peak=args.ctf_intact_first_peak)
+        images[sl] = project_images(projector, angles[sl, 0], angles[sl, 1], angles[sl, 2], origins=origins[sl],
+                                    ctf=ctf)
 
     stack_path, star_path = _stack_names(args.o)
     out_parts = parts.copy()

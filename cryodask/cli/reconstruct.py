@@ -48,26 +48,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 _CHUNK = 1024
 
 
-def _column(parts, label: str, src: str):
-    import numpy as np
-    import pandas as pd
-
-    from cryodask.errors import UserError, where
-
-    v = pd.to_numeric(parts[label], errors="coerce").to_numpy(np.float64)
-    bad = np.flatnonzero(~np.isfinite(v))
-    if len(bad):
-        raise UserError(where(src, row=int(bad[0]) + 1, field=label), f"{parts[label].iloc[bad[0]]!r} is not a number")
-    return v
-
-
 def main(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
     import numpy as np
 
-    from cryodask import backend
+    from cryodask.em.known_poses import insert_particles, numeric_column
     from cryodask.errors import UserError, where
     from cryodask.geometry.euler import euler_to_matrix
     from cryodask.geometry.symmetry import point_group
@@ -75,7 +62,6 @@ def main(args: argparse.Namespace) -> int:
     from cryodask.io.star import read_particles
     from cryodask.ops.backproject import BackProjector
     from cryodask.ops.ctf import ctf_2d, ctf_params, ctf_premultiplied
-    from cryodask.ops.filters import phase_shift
 
     if args.maxres == 0 or not math.isfinite(args.maxres):
         raise UserError("--maxres", f"{args.maxres} Å is not a resolution; give a positive number of Å")
@@ -91,21 +77,21 @@ def main(args: argparse.Namespace) -> int:
         if "rlnRandomSubset" not in parts.columns:
             raise UserError(where(src, field="rlnRandomSubset"), "--subset needs the rlnRandomSubset column; "
                                                                   "drop --subset or add the half-set labels")
-        keep &= _column(parts, "rlnRandomSubset", src) == args.subset
+        keep &= numeric_column(parts, "rlnRandomSubset", src) == args.subset
     if args.klass >= 0:
         if "rlnClassNumber" not in parts.columns:
             raise UserError(where(src, field="rlnClassNumber"), "--class needs the rlnClassNumber column")
-        keep &= _column(parts, "rlnClassNumber", src) == args.klass
+        keep &= numeric_column(parts, "rlnClassNumber", src) == args.klass
     rows = np.flatnonzero(keep)
     if len(rows) == 0:
         raise UserError(src, "no particles left after --subset/--class; check the selection")
 
     apix = float(args.angpix) if args.angpix is not None else table.pixel_size()
-    angles = np.stack([_column(parts, c, src) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=1)
+    angles = np.stack([numeric_column(parts, c, src) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=1)
     origins = np.zeros((len(parts), 2))
     for j, c in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
         if c in parts.columns:
-            origins[:, j] = _column(parts, c, src) / apix
+            origins[:, j] = numeric_column(parts, c, src) / apix
     ctf_kw = ctf_params(table, source=src) if args.ctf else None
     premultiplied = ctf_premultiplied(table, source=src) if args.ctf else None
 
@@ -123,17 +109,12 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(where(src, row=int(idx[0]) + 1, field="rlnImageName"),
                             f"images are {imgs.shape[-1]} px but the first particle's are {box}; "
                             "reconstruct one box size at a time")
-        ft = backend.rfftn(np.fft.ifftshift(imgs, axes=(1, 2)), axes=(1, 2))
-        ft = phase_shift(ft, origins[idx])  # recentre: the particle sits at -origin
-        ft[:, 0, 0] = 0  # relion_reconstruct zeroes the DC term
-        weights = None
+        ctf = None
         if ctf_kw is not None:
             ctf = ctf_2d(box, apix, **{k: v[idx] for k, v in ctf_kw.items()},
                          ctf_intact_first_peak=args.ctf_intact_first_peak)
-            pre = premultiplied[idx][:, None, None]
-            ft = np.where(pre, ft, ft * ctf)
-            weights = ctf * ctf
-        bp.insert(ft, rots[idx], weights=weights)
+        insert_particles(bp, imgs, rots[idx], origins[idx], ctf=ctf,
+                         premultiplied=None if premultiplied is None else premultiplied[idx])
     vol = bp.reconstruct(sym=sym, skip_gridding=not args.dont_skip_gridding, gridding_iter=args.iter)
     write_map(args.o, vol, apix)
     print(f"cryodask reconstruct: {len(rows)} particles -> {args.o} ({box}^3, {apix:g} Å/px)")

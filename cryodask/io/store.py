@@ -127,18 +127,13 @@ def fourier_crop(images: Any, new_box: int) -> Any:
     new_box
         Even ``B < B0``.
     """
-    from cryodask import backend
+    from cryodask.ops.filters import fourier_crop as crop
 
     b0 = images.shape[-1]
     if images.shape[-2] != b0 or new_box % 2 or not 0 < new_box < b0 or b0 % 2:
         raise ValueError(f"fourier_crop needs even square images and an even new box below {b0}, got "
                          f"{images.shape[-2:]} -> {new_box}")
-    xp = backend.array_module(images)
-    f = backend.rfftn(images, axes=(-2, -1))
-    h = new_box // 2
-    rows = xp.concatenate([xp.arange(0, h + 1), xp.arange(b0 - h + 1, b0)])
-    f = f[..., rows, : h + 1]
-    out = backend.irfftn(f, shape=(new_box, new_box), axes=(-2, -1))
+    out = crop(images, new_box, ndim=2)
     return out.astype(images.dtype if images.dtype in (np.float32, np.float64) else np.float32, copy=False)
 
 

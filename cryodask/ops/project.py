@@ -270,7 +270,8 @@ def project_images(volume: Any, rot: Any, tilt: Any, psi: Any, *, origins: Any =
     Parameters
     ----------
     volume
-        ``(box, box, box)`` map (NumPy or CuPy).
+        ``(box, box, box)`` map (NumPy or CuPy), or a :class:`Projector` already made from
+        one (then ``pad`` and ``r_max`` are the projector's).
     rot, tilt, psi
         RELION Euler angles in degrees, ``(N,)`` each.
     origins
@@ -287,9 +288,13 @@ def project_images(volume: Any, rot: Any, tilt: Any, psi: Any, *, origins: Any =
     from cryodask.geometry.euler import euler_to_matrix
     from cryodask.ops.filters import phase_shift
 
-    xp = backend.array_module(volume)
-    box = volume.shape[0]
-    projector = Projector.from_map(volume, pad=pad, r_max=box if r_max is None else r_max)
+    if isinstance(volume, Projector):
+        projector = volume  # made once by the caller, for many batches
+        box = projector.ori_size
+    else:
+        box = volume.shape[0]
+        projector = Projector.from_map(volume, pad=pad, r_max=box if r_max is None else r_max)
+    xp = backend.array_module(projector.data)
     rots = euler_to_matrix(rot, tilt, psi).reshape(-1, 3, 3)
     n = rots.shape[0]
     out = xp.empty((n, box, box), dtype=np.float32)
