@@ -219,14 +219,53 @@ class _Block:
 
 
 class _Text:
-    """The file's bytes and helpers to name lines in messages."""
+    """The file's bytes, where its lines start, and where its ``data_`` headers may be."""
 
     def __init__(self, path: Path, data: bytes) -> None:
         self.path = path
         self.data = data
+        self._newlines: np.ndarray | None = None
+        self._headers: np.ndarray | None = None
+
+    @property
+    def newlines(self) -> np.ndarray:
+        """Offsets of every ``\\n``, found by NumPy (in threads for big files: it lets go of the GIL)."""
+        if self._newlines is None:
+            buf = np.frombuffer(self.data, np.uint8)
+            step = 8 << 20
+            starts = range(0, len(buf), step)
+
+            def find(s: int) -> np.ndarray:
+                return np.flatnonzero(buf[s:s + step] == _NL) + s
+
+            if len(starts) > 4 and _workers() > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(_workers()) as ex:
+                    parts = list(ex.map(find, starts))
+            else:
+                parts = [find(s) for s in starts]
+            self._newlines = np.concatenate(parts) if parts else np.zeros(0, np.intp)
+        return self._newlines
+
+    @property
+    def headers(self) -> np.ndarray:
+        """Offsets of the lines that start with ``data_`` (candidates for block headers)."""
+        if self._headers is None:
+            buf = np.frombuffer(self.data, np.uint8)
+            starts = np.concatenate([[0], self.newlines + 1])
+            starts = starts[starts + 5 <= len(buf)]
+            for k, ch in enumerate(b"data_"):
+                starts = starts[buf[starts + k] == ch]
+            self._headers = starts
+        return self._headers
+
+    def count_lines(self, a: int, b: int) -> int:
+        """Newlines in ``data[a:b]``."""
+        return int(np.searchsorted(self.newlines, b) - np.searchsorted(self.newlines, a))
 
     def line_of(self, offset: int) -> int:
-        return self.data.count(b"\n", 0, offset) + 1
+        return int(np.searchsorted(self.newlines, offset)) + 1
 
     def at_line(self, offset: int) -> str:
         return f"{self.path}, line {self.line_of(offset)}"
@@ -265,23 +304,21 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _block_start(data: bytes, pos: int) -> int:
+def _block_start(text: _Text, pos: int) -> int:
     """Offset of the line of the next ``data_NAME`` header at or after ``pos`` (len(data) when none).
 
     After a loop's rows a block header must start its line and stand alone on it (a
     trailing ``# comment`` aside), so ``data_001.mrc`` as a value in a row, or
     ``/data_disk/...`` in a file name, is never taken for one.
     """
-    n = len(data)
-    while True:
-        i = data.find(b"\ndata_", pos - 1 if pos else 0)
-        if i < 0:
-            return n
-        e = data.find(b"\n", i + 1)
-        e = n if e < 0 else e
-        if len(data[i + 1:e].split(b"#", 1)[0].split()) == 1:
-            return i + 1
-        pos = i + 6
+    data, heads = text.data, text.headers
+    for i in heads[np.searchsorted(heads, pos):]:
+        i = int(i)
+        e = data.find(b"\n", i)
+        e = len(data) if e < 0 else e
+        if len(data[i:e].split(b"#", 1)[0].split()) == 1:
+            return i
+    return len(data)
 
 
 def _trim_back(data: bytes, start: int, end: int) -> int:
@@ -363,7 +400,7 @@ def _scan(text: _Text) -> tuple[list[_Block], str | None]:
                                                         "_rlnLabel lines after loop_")
             cur.columns = cols
             cur.loop_start = min(p, n)
-            end = _block_start(data, cur.loop_start)
+            end = _block_start(text, cur.loop_start)
             cur.loop_end = _trim_back(data, cur.loop_start, end)
             pos = end
             continue
@@ -434,15 +471,8 @@ def _workers() -> int:
     return max(1, min(4, n))
 
 
-def _count_lines(data: bytes, a: int, b: int) -> int:
-    """Newlines in ``data[a:b]``, counted by NumPy in blocks (it lets go of the GIL; bytes.count does not)."""
-    buf = np.frombuffer(data, np.uint8)
-    step = 16 << 20
-    return sum(int(np.count_nonzero(buf[i:min(b, i + step)] == _NL)) for i in range(a, b, step))
-
-
-def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> tuple[pd.DataFrame, int]:
-    """pandas' C parser over ``data[a:b]`` (whole lines); also the number of newlines there."""
+def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> pd.DataFrame:
+    """pandas' C parser over ``data[a:b]`` (whole lines)."""
     # String labels whose first value looks like a number must be read as text ("0001" stays
     # "0001"); the others come out as text anyway, and telling pandas costs time.
     e = data.find(b"\n", a, b)
@@ -455,17 +485,13 @@ def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> 
         src.seek(a)
     else:
         src = io.BytesIO(data[a:b])
-    df = pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None, engine="c",
-                     na_filter=False, quoting=quoting, quotechar='"', index_col=False, encoding="utf-8",
-                     encoding_errors="replace")
-    return df, _count_lines(data, a, b)
+    return pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None, engine="c",
+                       na_filter=False, quoting=quoting, quotechar='"', index_col=False, encoding="utf-8",
+                       encoding_errors="replace")
 
 
-def _parse_fast(data: bytes, a: int, b: int, cols: list[str]) -> tuple[pd.DataFrame, int] | None:
-    """The loop's rows through pandas, in parallel pieces when big, and the number of newlines there.
-
-    None when it needs the exact tokenizer.
-    """
+def _parse_fast(data: bytes, a: int, b: int, cols: list[str]) -> pd.DataFrame | None:
+    """The loop's rows through pandas, in parallel pieces when big; None when it needs the exact tokenizer."""
     quoting = csv.QUOTE_MINIMAL if data.find(b'"', a, b) >= 0 else csv.QUOTE_NONE
     k = min(_workers(), (b - a) // _SPLIT_BYTES + 1)
     cuts = [a]
@@ -484,12 +510,12 @@ def _parse_fast(data: bytes, a: int, b: int, cols: list[str]) -> tuple[pd.DataFr
     except (pd.errors.ParserError, ValueError, IndexError):
         return None
     for c in cols:  # pieces must agree on text versus numbers, or pandas' guess differed: read whole
-        if len({_is_text(p[c]) for p, _ in pieces}) > 1:
+        if len({_is_text(p[c]) for p in pieces}) > 1:
             try:
                 return _parse_piece(data, a, b, cols, quoting)
             except (pd.errors.ParserError, ValueError, IndexError):
                 return None
-    return pd.concat([p for p, _ in pieces], ignore_index=True), sum(n for _, n in pieces)
+    return pd.concat(pieces, ignore_index=True)
 
 
 def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
@@ -503,10 +529,9 @@ def _read_loop(text: _Text, blk: _Block) -> pd.DataFrame:
     # where a stray loop_ or _label line would otherwise pass for a value; pandas handles
     # double quotes
     if len(cols) > 1 and data.find(b"'", a, b) < 0 and data.find(b"#", a, b) < 0:
-        parsed = _parse_fast(data, a, b, cols)
-        if parsed is not None:
-            df, nlines = parsed
-            nlines += 0 if data[b - 1] == 0x0A else 1
+        df = _parse_fast(data, a, b, cols)
+        if df is not None:
+            nlines = text.count_lines(a, b) + (0 if data[b - 1] == 0x0A else 1)
             last = df[cols[-1]]
             short = bool((last == "").any()) if _is_text(last) else bool(last.isna().any())
             if len(df) != nlines or short:
