@@ -46,6 +46,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import mmap
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -221,7 +222,7 @@ class _Block:
 class _Text:
     """The file's bytes, where its lines start, and where its ``data_`` headers may be."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
+    def __init__(self, path: Path, data: bytes | mmap.mmap) -> None:
         self.path = path
         self.data = data
         self._newlines: np.ndarray | None = None
@@ -288,9 +289,16 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
 
-def _read_bytes(path: Path) -> bytes:
+_MMAP_BYTES = 16 << 20  # bigger files are mapped, not copied into memory
+
+
+def _read_bytes(path: Path) -> bytes | mmap.mmap:
+    """The file's bytes: read, or memory-mapped when big (read-only; no copy of a large file)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data: bytes | mmap.mmap = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > max(_MMAP_BYTES, 0)
+                                       else f.read())
     except FileNotFoundError:
         raise UserError(path, "file not found; check the path") from None
     except IsADirectoryError:
@@ -302,6 +310,28 @@ def _read_bytes(path: Path) -> bytes:
     if b"\x00" in data[:4096]:
         raise UserError(path, "is a binary file, not a STAR file (text with data_ blocks); give the .star file")
     return data
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over ``buf[a:b]`` without copying it (pandas reads it in small blocks)."""
+
+    def __init__(self, buf: bytes | mmap.mmap, a: int, b: int) -> None:
+        super().__init__()
+        self._view = memoryview(buf)[a:b]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        n = min(len(out), len(self._view) - self._pos)
+        out[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
 
 
 def _block_start(text: _Text, pos: int) -> int:
@@ -471,7 +501,7 @@ def _workers() -> int:
     return max(1, min(4, n))
 
 
-def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> pd.DataFrame:
+def _parse_piece(data: bytes | mmap.mmap, a: int, b: int, cols: list[str], quoting: int) -> pd.DataFrame:
     """pandas' C parser over ``data[a:b]`` (whole lines)."""
     # String labels whose first value looks like a number must be read as text ("0001" stays
     # "0001"); the others come out as text anyway, and telling pandas costs time.
@@ -480,17 +510,13 @@ def _parse_piece(data: bytes, a: int, b: int, cols: list[str], quoting: int) -> 
     if len(first) != len(cols):  # pandas would drop extra fields of a first line without a word
         raise pd.errors.ParserError("wrong number of fields")
     str_cols = {c: str for c, t in zip(cols, first, strict=True) if label_type(c) == "str" and _numeric(t)}
-    if b == len(data) or (len(data) - b < 65536 and data[b:].isspace()):
-        src = io.BytesIO(data)  # no copy of a big loop at the end of the file
-        src.seek(a)
-    else:
-        src = io.BytesIO(data[a:b])
-    return pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None, engine="c",
-                       na_filter=False, quoting=quoting, quotechar='"', index_col=False, encoding="utf-8",
-                       encoding_errors="replace")
+    with io.BufferedReader(_Window(data, a, b), 1 << 18) as src:
+        return pd.read_csv(src, sep=r"\s+", header=None, names=cols, dtype=str_cols or None, engine="c",
+                           na_filter=False, quoting=quoting, quotechar='"', index_col=False, encoding="utf-8",
+                           encoding_errors="replace")
 
 
-def _parse_fast(data: bytes, a: int, b: int, cols: list[str]) -> pd.DataFrame | None:
+def _parse_fast(data: bytes | mmap.mmap, a: int, b: int, cols: list[str]) -> pd.DataFrame | None:
     """The loop's rows through pandas, in parallel pieces when big; None when it needs the exact tokenizer."""
     quoting = csv.QUOTE_MINIMAL if data.find(b'"', a, b) >= 0 else csv.QUOTE_NONE
     k = min(_workers(), (b - a) // _SPLIT_BYTES + 1)

@@ -424,3 +424,23 @@ def test_big_loops_parse_in_pieces_the_same(tmp_path, rng, monkeypatch):
     with pytest.raises(UserError) as e:
         read_particles(tmp_path / "bad.star")
     assert e.value.where.endswith(f", line {text[:first].count(chr(10)) + 1}")
+
+
+def test_memory_mapped_reading(tmp_path, rng, monkeypatch):
+    import cryodask.io.star as star_mod
+
+    t = _table(rng, 500)
+    write_particles(tmp_path / "p.star", t)
+    ref = read_particles(tmp_path / "p.star")
+    monkeypatch.setattr(star_mod, "_MMAP_BYTES", 0)  # map every file, as for big ones
+    monkeypatch.setattr(star_mod, "_SPLIT_BYTES", 10_000)
+    got = read_particles(tmp_path / "p.star")
+    pd.testing.assert_frame_equal(got.particles, ref.particles)
+    pd.testing.assert_frame_equal(got.optics, ref.optics)
+    (tmp_path / "empty.star").write_bytes(b"")
+    with pytest.raises(UserError):
+        read_star(tmp_path / "empty.star")
+    p = _write(tmp_path, HEAD + "1@a.mrcs 1.5 1 1\n2@a.mrcs 1.5 1\n")
+    with pytest.raises(UserError) as e:
+        read_particles(p)
+    assert e.value.where == f"{p}, line 22"
