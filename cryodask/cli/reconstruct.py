@@ -1,6 +1,7 @@
 """Reconstruct a map from particle images and their poses (relion_reconstruct).
 
-Reads the particles of --i (RELION 3.0 to 5.0 STAR files), recentres each image
+Reads the particles of --i (RELION 3.0 to 5.0 STAR files, or a particle store
+made by cryodask import from a STAR file with poses), recentres each image
 by its origin (rlnOriginXAngst/YAngst) with a Fourier phase shift, zeroes its
 DC term as relion_reconstruct does, and inserts it into the padded 3D transform
 at its Euler angles with trilinear interpolation. With --ctf the images are
@@ -13,6 +14,7 @@ relion_reconstruct: divided directly (RELION 4/5's default) or, with
 Examples
 --------
   cryodask reconstruct --i particles.star --o map.mrc --ctf
+  cryodask reconstruct --i particles.zarr --o map.mrc --ctf
   cryodask reconstruct --i run_data.star --o half1.mrc --ctf --subset 1 --sym C4
   cryodask reconstruct --i proj.star --o back.mrc --maxres 8 --dont_skip_gridding
 """
@@ -23,7 +25,8 @@ import argparse
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--i", required=True, metavar="STAR", help="particles with images and poses")
+    parser.add_argument("--i", required=True, metavar="STAR|STORE",
+                        help="particles with images and poses: a STAR file or a particle store (cryodask import)")
     parser.add_argument("--o", default="relion.mrc", metavar="MAP", help="output map (default relion.mrc)")
     parser.add_argument("--sym", default="C1", help="point-group symmetry (default C1)")
     parser.add_argument("--maxres", type=float, default=-1.0, help="maximum resolution in Å (default: Nyquist)")
@@ -44,13 +47,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                                                      "current folder, then the STAR file's folder)")
 
 
-#: particles read and inserted at once
-_CHUNK = 1024
-
-
 def main(args: argparse.Namespace) -> int:
     import math
-    from pathlib import Path
 
     import numpy as np
 
@@ -58,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
     from cryodask.errors import UserError, where
     from cryodask.geometry.euler import euler_to_matrix
     from cryodask.geometry.symmetry import point_group
-    from cryodask.io.mrc import read_images, write_map
-    from cryodask.io.star import read_particles
+    from cryodask.io.mrc import write_map
+    from cryodask.io.store import StarParticles, open_particles
     from cryodask.ops.backproject import BackProjector
     from cryodask.ops.ctf import ctf_2d, ctf_params, ctf_premultiplied
 
@@ -69,8 +67,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--iter", "the number of gridding iterations cannot be negative")
     sym = point_group(args.sym)
     src = args.i
-    table = read_particles(src, angpix=args.angpix,
-                           require=("rlnImageName", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    particles = open_particles(src, angpix=args.angpix)
+    if args.img and isinstance(particles, StarParticles):
+        particles = StarParticles(src, angpix=args.angpix, base_dirs=[args.img])
+    table = particles.table
     parts = table.particles
     keep = np.ones(len(parts), dtype=bool)
     if args.subset in (1, 2):
@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if len(rows) == 0:
         raise UserError(src, "no particles left after --subset/--class; check the selection")
 
-    apix = float(args.angpix) if args.angpix is not None else table.pixel_size()
+    apix = float(args.angpix) if args.angpix is not None else float(particles.pixel_size)
     angles = np.stack([numeric_column(parts, c, src) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], axis=1)
     origins = np.zeros((len(parts), 2))
     for j, c in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
@@ -95,20 +95,15 @@ def main(args: argparse.Namespace) -> int:
     ctf_kw = ctf_params(table, source=src) if args.ctf else None
     premultiplied = ctf_premultiplied(table, source=src) if args.ctf else None
 
-    names = parts["rlnImageName"].astype(str).to_numpy()
-    bases = [Path(args.img)] if args.img else [Path("."), Path(src).resolve().parent]
-    first = read_images(names[rows[:1]], base_dir=bases, source=src, first_row=int(rows[0]) + 1)
-    box = first.shape[-1]
+    box = particles.box
     r_max = box // 2 if args.maxres < 0 else min(box // 2, math.ceil(box * apix / args.maxres))
     bp = BackProjector.zeros(box, pad=args.pad, r_max=r_max)
     rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    for s in range(0, len(rows), _CHUNK):
-        idx = rows[s:s + _CHUNK]
-        imgs = read_images(names[idx], base_dir=bases, source=src, first_row=int(idx[0]) + 1)
-        if imgs.shape[-1] != box:
-            raise UserError(where(src, row=int(idx[0]) + 1, field="rlnImageName"),
-                            f"images are {imgs.shape[-1]} px but the first particle's are {box}; "
-                            "reconstruct one box size at a time")
+    for i, sl in enumerate(particles.chunk_slices()):
+        idx = rows[(rows >= sl.start) & (rows < sl.stop)]
+        if len(idx) == 0:
+            continue
+        imgs = particles.read_chunk(i)[idx - sl.start]
         ctf = None
         if ctf_kw is not None:
             ctf = ctf_2d(box, apix, **{k: v[idx] for k, v in ctf_kw.items()},
