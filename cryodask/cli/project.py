@@ -35,6 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pad", type=int, default=2, choices=(1, 2), help="padding factor (default 2)")
     parser.add_argument("--maxres", type=float, default=-1.0,
                         help="maximum resolution in Å to keep (default: Nyquist)")
+    parser.add_argument("--double", action="store_true", help="project in float64 (default float32)")
     parser.add_argument("--rot", type=float, default=0.0, help="first Euler angle, without --ang")
     parser.add_argument("--tilt", type=float, default=0.0, help="second Euler angle, without --ang")
     parser.add_argument("--psi", type=float, default=0.0, help="third Euler angle, without --ang")
@@ -118,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     ctf_kw = ctf_params(table, source=args.ang) if args.ctf else None
     # relion_project keeps the whole padded transform unless --maxres limits it
     r_max = box if args.maxres < 0 else math.ceil(box * apix / args.maxres)
-    projector = Projector.from_map(vol, pad=args.pad, r_max=r_max)
+    projector = Projector.from_map(vol, pad=args.pad, r_max=r_max, double=args.double)
     n = len(angles)
     images = np.empty((n, box, box), dtype=np.float32)
     for s in range(0, n, _CHUNK):

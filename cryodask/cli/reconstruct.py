@@ -43,6 +43,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="use RELION 3.1's iterative gridding weights instead of dividing by the weight")
     parser.add_argument("--skip_gridding", action="store_true", help=argparse.SUPPRESS)  # the default; RELION 3.1 name
     parser.add_argument("--iter", type=int, default=10, help="gridding iterations (default 10)")
+    parser.add_argument("--double", action="store_true", help="accumulate and reconstruct in float64 (default float32)")
     parser.add_argument("--img", metavar="DIR", help="folder the image paths are relative to (default: the "
                                                      "current folder, then the STAR file's folder)")
 
@@ -97,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
 
     box = particles.box
     r_max = box // 2 if args.maxres < 0 else min(box // 2, math.ceil(box * apix / args.maxres))
-    bp = BackProjector.zeros(box, pad=args.pad, r_max=r_max)
+    bp = BackProjector.zeros(box, pad=args.pad, r_max=r_max, double=args.double)
     rots = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     for i, sl in enumerate(particles.chunk_slices()):
         idx = rows[(rows >= sl.start) & (rows < sl.stop)]

@@ -24,3 +24,16 @@ def test_store_and_star_give_the_same_map(tmp_path, capsys):
                  "--class", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("cryodask: error:") == 1 and "no particles left" in err
+
+
+def test_double_precision_agrees(tmp_path):
+    data = simulate_particles([phantom(32, seed=2)], 4.0, n=200, snr=1.0, seed=4)
+    paths = write_simulation(tmp_path, data)
+    for flag, out in (([], "f32.mrc"), (["--double"], "f64.mrc")):
+        assert main(["reconstruct", "--i", str(paths["truth"]), "--o", str(tmp_path / out), "--ctf", *flag]) == 0
+    a, _ = read_map(tmp_path / "f32.mrc")
+    b, _ = read_map(tmp_path / "f64.mrc")
+    diff = np.abs(a - b).max() / np.abs(b).max()
+    assert 0 < diff < 1e-4  # different arithmetic, same map
+    assert main(["project", "--i", str(tmp_path / "f64.mrc"), "--ang", str(paths["truth"]),
+                 "--o", str(tmp_path / "p64.mrcs"), "--double"]) == 0
