@@ -9,3 +9,4 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from cryodask.errors import UserError as UserError
+from cryodask.em.refine3d import refine3d as refine3d

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "project": "cryodask.cli.project",
     "reconstruct": "cryodask.cli.reconstruct",
     "demo": "cryodask.cli.demo",
+    "refine3d": "cryodask.cli.refine3d",
     "cluster": "cryodask.cli.cluster",
 }
 

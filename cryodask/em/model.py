@@ -108,7 +108,7 @@ class Model:
         }
         for name, value in defaults.items():
             cur = getattr(self, name)
-            setattr(self, name, value if cur is None else np.asarray(cur, dtype=np.float64))
+            setattr(self, name, value if cur is None else np.array(cur, dtype=np.float64))
         if not self.optics_group_names:
             self.optics_group_names = [f"opticsGroup{g + 1}" for g in range(o)]
         if not self.group_names:
@@ -197,7 +197,7 @@ def _col(df: pd.DataFrame, label: str, path: Path, block: str) -> np.ndarray:
     if label not in df.columns:
         raise UserError(where(path, field=label), f"block data_{block} has no column {label}; "
                                                    "give a _model.star written by cryodask or RELION 3.1+")
-    return pd.to_numeric(df[label], errors="coerce").to_numpy(np.float64)
+    return np.array(pd.to_numeric(df[label], errors="coerce").to_numpy(np.float64), copy=True)
 
 
 def read_model(path: str | os.PathLike[str]) -> Model:

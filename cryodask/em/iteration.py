@@ -1,0 +1,544 @@
+"""One EM iteration as Dask tasks: the per-chunk E-step and M-step sums, and their reduction.
+
+The shape is DESIGN §3. For every particle chunk one task (submitted next to its chunk
+future, :func:`cryodask.cluster.scratch.chunk_futures`) runs :func:`expectation_chunk`:
+
+1. prepare the images (RELION's ``getFourierTransformsAndCtfs``): recentre by the previous
+   offset (Fourier phase shift), soft circular mask of ``particle_diameter`` (zeros
+   outside with ``--zero_mask``, else white noise of the background's variance), FFT
+   with RELION's normalisation, CTF;
+2. for each half-set, score the particles of that half against the projections of its
+   reference with the two-pass kernel (:func:`cryodask.em.estep.score_two_pass`):
+   coarse pass at ``coarse_size`` on the coarse HEALPix × translation grid,
+   significance, fine pass at ``current_size`` on the oversampled children. Global
+   searches score the whole grid for the chunk at once; local searches score each
+   particle on its own Gaussian-prior subset (:func:`cryodask.geometry.healpix.local_subset`);
+3. M-step sums (:func:`cryodask.em.estep.mstep_sums`) and insertion of the weighted slices
+   into one :class:`~cryodask.ops.backproject.BackProjector` per half-set, on the worker;
+4. return the accumulators, the σ² sums per optics group, the offset sums, and small
+   per-particle results (best pose, Pmax, number of significant samples, log-likelihood).
+
+References reach the tasks as MRC files: :func:`load_projector` reads a map and builds its
+projector once per worker process (cached by path, modification time and size).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cryodask import backend
+
+__all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk",
+           "load_projector", "sum_accumulators", "pixel_shells", "prepare_images", "fsc_of_accumulators",
+           "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between"]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the driver sends and gets back
+
+
+@dataclass
+class IterationSetup:
+    """Everything a chunk task needs that is the same for every chunk (small; no maps)."""
+
+    iteration: int
+    box: int
+    pixel_size: float
+    pad: float
+    current_size: int
+    coarse_size: int
+    reference_paths: list[str]  # one per half-set (one map for class3d K=1)
+    sigma2_noise: np.ndarray  # (n_halves, n_optics, nsh)
+    sigma_offset: list[float]  # Å, per half-set
+    healpix_order: int = 2
+    sym: str = "C1"
+    psi_step: float | None = None
+    random_perturbation: float = 0.0
+    offset_range: float = 6.0
+    offset_step: float = 2.0
+    oversampling: int = 1
+    adaptive_fraction: float = 0.999
+    local_searches: bool = False
+    sigma_ang: float = -1.0
+    mode: str = "ml"  # "cc" for --firstiter_cc
+    particle_diameter: float = -1.0  # Å
+    width_mask_edge: int = 5
+    zero_mask: bool = False
+    do_ctf: bool = True
+    random_seed: int = 0
+    n_acc_particles: int = 5  # particles per chunk used for the expected angular accuracy
+
+
+@dataclass
+class ChunkMeta:
+    """The per-particle inputs of one chunk (small arrays)."""
+
+    index: np.ndarray  # (n,) particle indices in the full set
+    rot: np.ndarray
+    tilt: np.ndarray
+    psi: np.ndarray
+    origins_px: np.ndarray  # (n, 2)
+    half: np.ndarray  # (n,) 1 or 2
+    optics: np.ndarray  # (n,) 0-based optics group
+    ctf: dict[str, np.ndarray] | None
+    premultiplied: np.ndarray | None
+    n_optics: int = 1
+
+
+@dataclass
+class Accumulators:
+    """Sums that are added over chunks (the tree reduction's payload)."""
+
+    bp: list[Any]  # BackProjector per half-set
+    sigma2_sum: np.ndarray  # (n_halves, n_optics, nsh) Σ w|X−A|² per shell (inside the window)
+    power_sum: np.ndarray  # (n_halves, n_optics, nsh) Σ |X|² per shell (all shells)
+    pixel_count: np.ndarray  # (n_halves, n_optics, nsh) pixels counted per shell (× particles)
+    n_particles: np.ndarray  # (n_halves, n_optics)
+    sigma2_offset: np.ndarray  # (n_halves,) Σ w |Δt|² (Å²)
+    weight_sum: np.ndarray  # (n_halves,)
+    acc_rot: np.ndarray  # (2,) Σ accuracy, count
+    acc_trans: np.ndarray  # (2,)
+
+    def __iadd__(self, other: "Accumulators") -> "Accumulators":
+        for a, b in zip(self.bp, other.bp, strict=True):
+            a += b
+        for name in ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum",
+                     "acc_rot", "acc_trans"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk task returns: accumulators and per-particle results."""
+
+    acc: Accumulators
+    index: np.ndarray
+    rot: np.ndarray
+    tilt: np.ndarray
+    psi: np.ndarray
+    origins_px: np.ndarray
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    log_likelihood: np.ndarray
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+
+def sum_accumulators(*parts: Any) -> Accumulators:
+    """Add Accumulators (or ChunkResults' accumulators) together; a tree-reduction step."""
+    accs = [p.acc if isinstance(p, ChunkResult) else p for p in parts]
+    total = Accumulators(bp=[b.copy() for b in accs[0].bp], **{
+        k: np.array(getattr(accs[0], k), copy=True) for k in (
+            "sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
+            "acc_trans")})
+    for a in accs[1:]:
+        total += a
+    return total
+
+
+def particle_results(r: ChunkResult) -> ChunkResult:
+    """The chunk's per-particle results without its accumulators (what the driver gathers)."""
+    return ChunkResult(acc=None, index=r.index, rot=r.rot, tilt=r.tilt, psi=r.psi, origins_px=r.origins_px,
+                       pmax=r.pmax, n_significant=r.n_significant, log_likelihood=r.log_likelihood, failed=r.failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# projectors, loaded once per worker
+
+_PROJECTORS: OrderedDict = OrderedDict()
+_MAX_CACHED = 4
+
+
+def load_projector(path: str, *, pad: float, r_max: float) -> Any:
+    """The projector of the map at ``path`` (cached per process by path, mtime, size, pad, r_max)."""
+    from cryodask.io.mrc import read_map
+    from cryodask.ops.project import Projector
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, float(pad), float(r_max))
+    if key in _PROJECTORS:
+        _PROJECTORS.move_to_end(key)
+        return _PROJECTORS[key]
+    vol, _ = read_map(path)
+    proj = Projector.from_map(vol, pad=pad, r_max=r_max)
+    _PROJECTORS[key] = proj
+    while len(_PROJECTORS) > _MAX_CACHED:
+        _PROJECTORS.popitem(last=False)
+    return proj
+
+
+# ---------------------------------------------------------------------------------------------
+# image preparation
+
+
+def pixel_shells(box: int, r_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fourier pixels of a ``box`` half transform within ``r_max``: (flat index, kx, ky, shell)."""
+    from cryodask.ops.project import slice_pixels
+
+    flat, kx, ky = slice_pixels(box, r_max)
+    shell = np.floor(np.sqrt(kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2) + 0.5).astype(np.int64)
+    return flat, kx, ky, shell
+
+
+def _soft_circle(box: int, radius: float, width: float) -> np.ndarray:
+    from cryodask.ops.filters import spherical_mask
+
+    return spherical_mask(box, radius, width=width, ndim=2, dtype=np.float64)
+
+
+def prepare_images(images: np.ndarray, origins_px: np.ndarray, *, pixel_size: float, particle_diameter: float,
+                   width_mask_edge: int, zero_mask: bool, rng: np.random.Generator | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(unmasked FT, masked FT) of particle images recentred by their previous offsets, ``(n, B, B//2+1)``.
+
+    FFTs divided by the number of pixels (RELION). The DC term is kept in the masked FT (it
+    enters the noise power) but left out of scoring by ``inv_sigma2 = 0`` at the origin.
+    """
+    from cryodask.ops.filters import phase_shift
+
+    box = images.shape[-1]
+    ft = backend.rfftn(np.fft.ifftshift(images.astype(np.float64), axes=(-2, -1)), axes=(-2, -1))
+    ft = phase_shift(ft, origins_px)
+    real = np.fft.fftshift(backend.irfftn(ft, (box, box), axes=(-2, -1)), axes=(-2, -1))
+    radius = (particle_diameter / (2.0 * pixel_size)) if particle_diameter > 0 else box / 2.0 - width_mask_edge
+    m = _soft_circle(box, radius, float(width_mask_edge))
+    if zero_mask:
+        masked = real * m
+    else:
+        outside = m < 1e-6
+        sd = real[:, outside].std(axis=1) if outside.any() else np.zeros(len(real))
+        rng = rng or np.random.default_rng(0)
+        noise = rng.standard_normal(real.shape) * sd[:, None, None]
+        masked = real * m + noise * (1.0 - m)
+    mft = backend.rfftn(np.fft.ifftshift(masked, axes=(-2, -1)), axes=(-2, -1))
+    return ft.astype(np.complex64), mft.astype(np.complex64)
+
+
+def _ctf(meta: ChunkMeta, sel: np.ndarray, box: int, pixel_size: float, do_ctf: bool) -> np.ndarray:
+    from cryodask.ops.ctf import ctf_2d, ctf_for_scoring
+
+    if not do_ctf or meta.ctf is None:
+        return np.ones((len(sel), box, box // 2 + 1), np.float32)
+    c = ctf_2d(box, pixel_size, **{k: v[sel] for k, v in meta.ctf.items()})
+    if meta.premultiplied is not None:
+        c = ctf_for_scoring(c, meta.premultiplied[sel])
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunk task
+
+
+def rotation_angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angle (degrees) of the rotation taking ``a`` to ``b``, for stacks of matrices ``(n, 3, 3)``."""
+    tr = np.einsum("nij,nij->n", a, b)
+    return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+
+
+def _inv_sigma2(sigma2: np.ndarray, optics: np.ndarray, shell: np.ndarray, *, origin: bool) -> np.ndarray:
+    from cryodask.em.estep import inv_sigma2_from_sigma2
+
+    s = sigma2[optics][:, np.minimum(shell, sigma2.shape[-1] - 1)]  # (n, K)
+    inv = inv_sigma2_from_sigma2(s)
+    if not origin:
+        inv[:, shell == 0] = 0.0
+    return inv.astype(np.float32)
+
+
+def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, proj, sampling, coarse_index, log_prior_orient,
+                 kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset):
+    """Score one batch of particles (all against one set of coarse orientations); returns (result, sums, P_fine)."""
+    from cryodask.em.estep import (gaussian_log_prior_trans, mstep_sums, offset_prior_diff2, phase_ramps,
+                                   precompute_shifted, score_two_pass, scoring_terms)
+
+    n_i = Xc.shape[0]
+    os_ = setup.oversampling
+    n_over_rot, n_over_trans = 8 ** os_, 4 ** os_
+    fc = np.stack([kx_c, ky_c], axis=1)
+    ff = np.stack([kx_f, ky_f], axis=1)
+    box = setup.box
+    # translation t scores the image moved by +t (new origin = old + t); phase_ramps moves by −t
+    ramps_c = phase_ramps(fc, -t_coarse, box)
+    ramps_f = phase_ramps(ff, -t_fine, box)
+    n_tc, n_tf = len(t_coarse), len(t_fine)
+    coarse = scoring_terms(precompute_shifted(Xc, ramps_c), ctf=ctf_c, inv_sigma2=isg_c, n_trans=n_tc,
+                           mode=setup.mode)
+    fine = scoring_terms(precompute_shifted(Xf, ramps_f), ctf=ctf_f, inv_sigma2=isg_f, n_trans=n_tf,
+                         mode=setup.mode)
+    grid_c = sampling.orientations(coarse_index)
+    P_c = proj.sample(grid_c.matrices(np.float32), kx_c, ky_c)
+    cache: dict[str, Any] = {}
+
+    def fine_projector(c: int, orient: np.ndarray) -> np.ndarray:
+        orient = np.asarray(orient)
+        rc = orient[::n_over_rot] // n_over_rot
+        grid = sampling.oversample(coarse_index[rc], os_)
+        mats = grid.matrices(np.float32)
+        cache["grid"] = grid
+        cache["mats"] = mats
+        return proj.sample(mats, kx_f, ky_f)
+
+    lpt = gaussian_log_prior_trans(t_coarse, np.zeros((n_i, 2)), sigma_offset=sigma_offset,
+                                   angpix=setup.pixel_size)
+    res = score_two_pass(coarse, fine, [P_c], fine_projector, n_over_rot=n_over_rot, n_over_trans=n_over_trans,
+                         log_prior_orient=log_prior_orient, log_prior_trans=lpt,
+                         adaptive_fraction=setup.adaptive_fraction)
+    fcl = res.classes[0]
+    if "mats" not in cache:  # no significant orientation at all
+        return res, None, None, None
+    w, sig = res.class_weights(0)
+    t_sel = t_fine[res.fine_translations]
+    ramps_sel = ramps_f[res.fine_translations]
+    Xu_s = precompute_shifted(Xu, ramps_sel)
+    Xm_s = precompute_shifted(Xf, ramps_sel)
+    od2 = offset_prior_diff2(t_sel, np.zeros((n_i, 2)), angpix=setup.pixel_size)
+    sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f, inv_sigma2=isg_m, n_trans=len(t_sel),
+                      X_shifted_masked=Xm_s, significant=sig, group=optics, n_groups=n_optics, offset_diff2=od2)
+    return res, sums, cache["mats"], cache["grid"]
+
+
+def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup) -> ChunkResult:
+    """E-step and M-step sums of one chunk (see the module docstring)."""
+    from cryodask.geometry.euler import euler_to_matrix, matrix_to_euler
+    from cryodask.geometry.healpix import healpix_sampling, local_subset
+    from cryodask.geometry.shifts import oversample_translations, translation_grid
+    from cryodask.ops.backproject import BackProjector
+    from cryodask.em.state import iteration_rng
+
+    images = np.asarray(images, dtype=np.float32)
+    n = len(images)
+    box = setup.box
+    nsh = box // 2 + 1
+    n_halves = len(setup.reference_paths)
+    n_opt = meta.n_optics
+    r_cur = setup.current_size / 2.0
+    r_coarse = setup.coarse_size / 2.0
+    flat_c, kx_c, ky_c, sh_c = pixel_shells(box, r_coarse)
+    flat_f, kx_f, ky_f, sh_f = pixel_shells(box, r_cur)
+    flat_a, _, _, sh_a = pixel_shells(box, box / 2.0)
+
+    rng = iteration_rng(setup.random_seed, setup.iteration, 1 + int(meta.index[0]) if n else 1)
+    ft_u, ft_m = prepare_images(images, meta.origins_px, pixel_size=setup.pixel_size,
+                                particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
+                                zero_mask=setup.zero_mask, rng=rng)
+    ctf_full = _ctf(meta, np.arange(n), box, setup.pixel_size, setup.do_ctf)
+    U = ft_u.reshape(n, -1)
+    M = ft_m.reshape(n, -1)
+    C = ctf_full.reshape(n, -1)
+
+    sampling = healpix_sampling(setup.healpix_order, sym=setup.sym, psi_step=setup.psi_step,
+                                random_perturbation=setup.random_perturbation)
+    t_coarse = translation_grid(setup.offset_range, setup.offset_step,
+                                random_perturbation=setup.random_perturbation)
+    t_fine = oversample_translations(t_coarse, None, setup.oversampling, setup.offset_step)
+
+    acc = Accumulators(
+        bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(n_halves)],
+        sigma2_sum=np.zeros((n_halves, n_opt, nsh)), power_sum=np.zeros((n_halves, n_opt, nsh)),
+        pixel_count=np.zeros((n_halves, n_opt, nsh)), n_particles=np.zeros((n_halves, n_opt)),
+        sigma2_offset=np.zeros(n_halves), weight_sum=np.zeros(n_halves), acc_rot=np.zeros(2), acc_trans=np.zeros(2))
+    out_rot, out_tilt, out_psi = meta.rot.copy(), meta.tilt.copy(), meta.psi.copy()
+    out_orig = meta.origins_px.copy()
+    pmax = np.zeros(n)
+    nsig = np.zeros(n, np.int64)
+    ll = np.zeros(n)
+    failed = np.zeros(n, bool)
+    old_mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3)
+
+    n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
+    n_per_shell_a = np.bincount(sh_a, minlength=nsh)[:nsh]
+    for h in range(n_halves):
+        sel = np.flatnonzero(meta.half == h + 1) if n_halves > 1 else np.arange(n)
+        if len(sel) == 0:
+            continue
+        proj = load_projector(setup.reference_paths[h], pad=setup.pad, r_max=r_cur)
+        sigma2 = setup.sigma2_noise[h]
+        opt = meta.optics[sel]
+        # power of the masked images per shell (σ² beyond the window, and the initial estimate)
+        pw = np.abs(M[sel][:, flat_a]) ** 2
+        for o in range(n_opt):
+            so = opt == o
+            if so.any():
+                acc.power_sum[h, o] += np.bincount(sh_a, weights=pw[so].sum(axis=0), minlength=nsh)[:nsh]
+                acc.n_particles[h, o] += so.sum()
+                acc.pixel_count[h, o] += n_per_shell_f * so.sum()
+        if setup.local_searches:
+            batches = [np.array([i]) for i in sel]
+        else:
+            batches = [sel]
+        for b in batches:
+            ob = meta.optics[b]
+            kw = dict(Xc=M[b][:, flat_c], Xf=M[b][:, flat_f], Xu=U[b][:, flat_f], ctf_c=C[b][:, flat_c],
+                      ctf_f=C[b][:, flat_f], isg_c=_inv_sigma2(sigma2, ob, sh_c, origin=False),
+                      isg_f=_inv_sigma2(sigma2, ob, sh_f, origin=False),
+                      isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), proj=proj, sampling=sampling,
+                      kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, setup=setup,
+                      optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h])
+            if setup.local_searches:
+                i = int(b[0])
+                idx, lp = local_subset(sampling, meta.rot[i], meta.tilt[i], meta.psi[i], sigma_rot=setup.sigma_ang,
+                                       sigma_tilt=setup.sigma_ang, sigma_psi=setup.sigma_ang)
+                kw.update(coarse_index=idx, log_prior_orient=lp[None, :])
+            else:
+                kw.update(coarse_index=np.arange(sampling.n_orientations), log_prior_orient=None)
+            res, sums, mats, grid = _score_batch(**kw)
+            fail = np.asarray(res.fine.failed)
+            failed[b] |= fail
+            if sums is None:
+                continue
+            # per-particle best pose
+            _, orient, tf = res.best_pose()
+            local = np.asarray(orient)  # fine orientation indices: position in the fine list of class 0
+            pos = res.fine.best_orientation
+            best_mats = mats[np.asarray(pos)]
+            rot, tilt, psi = matrix_to_euler(best_mats)
+            ok = ~fail
+            out_rot[b[ok]], out_tilt[b[ok]], out_psi[b[ok]] = rot[ok], tilt[ok], psi[ok]
+            out_orig[b[ok]] = meta.origins_px[b[ok]] + t_fine[np.asarray(tf)][ok]
+            pmax[b] = res.fine.pmax
+            nsig[b] = res.coarse.n_significant
+            ll[b] = res.fine.log_likelihood
+            del local
+            # insert the weighted slices (rows of sums.data) at their orientations
+            act = np.asarray(sums.orientations)
+            if len(act):
+                slices = np.zeros((len(act), box * (box // 2 + 1)), np.complex64)
+                weights = np.zeros((len(act), box * (box // 2 + 1)), np.float32)
+                slices[:, flat_f] = sums.data
+                weights[:, flat_f] = sums.weight
+                acc.bp[h].insert(slices.reshape(len(act), box, box // 2 + 1), mats[act],
+                                 weights=weights.reshape(len(act), box, box // 2 + 1))
+            for o in range(n_opt):
+                acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(sums.sigma2_noise[o], np.float64),
+                                                    minlength=nsh)[:nsh]
+            acc.sigma2_offset[h] += sums.sigma2_offset
+            acc.weight_sum[h] += float(np.asarray(sums.sum_weight).sum())
+        # expected accuracy (RELION's calculateExpectedAngularErrors, simplified) on a few particles
+        k = min(setup.n_acc_particles, len(sel))
+        if k and setup.mode == "ml":
+            ar, at = _expected_accuracy(proj, sel[:k], old_mats, C, sigma2, meta.optics, kx_f, ky_f, sh_f, flat_f,
+                                        setup)
+            acc.acc_rot += [ar * k, k]
+            acc.acc_trans += [at * k, k]
+    return ChunkResult(acc=acc, index=meta.index, rot=out_rot, tilt=out_tilt, psi=out_psi, origins_px=out_orig,
+                       pmax=pmax, n_significant=nsig, log_likelihood=ll, failed=failed)
+
+
+_ANGLE_STEPS = np.concatenate([np.arange(0.05, 1.0, 0.05), np.arange(1.0, 5.0, 0.1), np.arange(5.0, 30.0, 0.5)])
+_SHIFT_STEPS = np.concatenate([np.arange(0.1, 2.0, 0.1), np.arange(2.0, 10.0, 0.25)])
+
+
+def _expected_accuracy(proj, sel, mats, C, sigma2, optics, kx, ky, shell, flat, setup) -> tuple[float, float]:
+    """Mean over ``sel`` of the smallest rotation (degrees) and shift (Å) that change the
+    expected image by Σ|CTF·ΔP|²/(2σ²) > ln 100 (RELION's ``calculateExpectedAngularErrors``,
+    rotation about a random axis instead of RELION's separate rot/tilt/psi)."""
+    from scipy.spatial.transform import Rotation
+
+    thr = math.log(100.0)
+    out_r, out_t = [], []
+    rng = np.random.default_rng(int(sel[0]) + 17)
+    for i in sel:
+        isg = _inv_sigma2(sigma2, optics[[i]], shell, origin=False)[0]
+        ctf = C[i][flat]
+        p0 = proj.sample(mats[[i]].astype(np.float32), kx, ky)[0] * ctf
+        axis = rng.standard_normal(3)
+        axis /= np.linalg.norm(axis)
+        pert = Rotation.from_rotvec(np.deg2rad(_ANGLE_STEPS)[:, None] * axis[None, :]).as_matrix()
+        mats_p = (mats[i][None] @ pert).astype(np.float32)
+        pp = proj.sample(mats_p, kx, ky) * ctf[None]
+        d = (np.abs(pp - p0[None]) ** 2 * isg[None]).sum(axis=1) / 2.0
+        j = np.flatnonzero(d > thr)
+        out_r.append(_ANGLE_STEPS[j[0]] if len(j) else _ANGLE_STEPS[-1])
+        # shift along x: |P|²·|1 − e^{iφ}|² = |P|²·4 sin²(φ/2)
+        phase = 2 * np.pi * kx[None, :] * _SHIFT_STEPS[:, None] / setup.box
+        ds = ((np.abs(p0) ** 2 * isg)[None] * 4 * np.sin(phase / 2) ** 2).sum(axis=1) / 2.0
+        j = np.flatnonzero(ds > thr)
+        out_t.append((_SHIFT_STEPS[j[0]] if len(j) else _SHIFT_STEPS[-1]) * setup.pixel_size)
+    return float(np.mean(out_r)), float(np.mean(out_t))
+
+
+# ---------------------------------------------------------------------------------------------
+# initial noise estimate
+
+
+def initial_noise_chunk(images: np.ndarray, meta: ChunkMeta, *, pixel_size: float, particle_diameter: float,
+                        width_mask_edge: int, zero_mask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums for RELION's initial σ² (``setSigmaNoiseEstimatesAndSetAverageImage``), per optics group.
+
+    Returns (Σ|X|² per shell (n_optics, nsh), Σ X per pixel (n_optics, B, B//2+1), count (n_optics,)).
+    """
+    box = images.shape[-1]
+    nsh = box // 2 + 1
+    _, ft = prepare_images(np.asarray(images, np.float32), meta.origins_px, pixel_size=pixel_size,
+                           particle_diameter=particle_diameter, width_mask_edge=width_mask_edge, zero_mask=True)
+    flat, _, _, sh = pixel_shells(box, box / 2.0)
+    power = np.zeros((meta.n_optics, nsh))
+    total = np.zeros((meta.n_optics,) + ft.shape[1:], np.complex128)
+    count = np.zeros(meta.n_optics)
+    for o in range(meta.n_optics):
+        s = meta.optics == o
+        if s.any():
+            power[o] = np.bincount(sh, weights=(np.abs(ft[s].reshape(s.sum(), -1)[:, flat]) ** 2).sum(axis=0),
+                                   minlength=nsh)[:nsh]
+            total[o] = ft[s].sum(axis=0)
+            count[o] = s.sum()
+    return power, total, count
+
+
+def initial_sigma2(power: np.ndarray, total: np.ndarray, count: np.ndarray, box: int) -> np.ndarray:
+    """σ²(shell) = (⟨|X|²⟩ − |⟨X⟩|²)/2 per optics group, from the sums of :func:`initial_noise_chunk`."""
+    nsh = box // 2 + 1
+    flat, _, _, sh = pixel_shells(box, box / 2.0)
+    npix = np.bincount(sh, minlength=nsh)[:nsh].astype(np.float64)
+    out = np.zeros((len(count), nsh))
+    for o in range(len(count)):
+        if count[o] <= 0:
+            continue
+        mean = total[o].reshape(-1)[flat] / count[o]
+        mean_pw = np.bincount(sh, weights=np.abs(mean) ** 2, minlength=nsh)[:nsh]
+        out[o] = (power[o] / count[o] - mean_pw) / np.maximum(npix, 1) / 2.0
+    return np.maximum(out, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# half-set comparison
+
+
+def fsc_of_accumulators(bp1: Any, bp2: Any) -> np.ndarray:
+    """Gold-standard FSC of two half-sets' unregularised averages ``data/weight`` (RELION's
+    ``compareTwoHalves``), per shell of the original box; FSC(0) = 1."""
+    a = bp1.symmetrised(None) if not bp1.is_symmetrised else bp1
+    b = bp2.symmetrised(None) if not bp2.is_symmetrised else bp2
+    nsh = a.ori_size // 2 + 1
+    shell = np.floor(np.sqrt(a.radius2().astype(np.float64)) / a.pad + 0.5).astype(np.int64)
+    shell = np.broadcast_to(shell, a.weight.shape)
+    ok = (a.weight > 1e-20) & (b.weight > 1e-20) & (shell < nsh)
+    va = np.where(ok, a.data / np.where(ok, a.weight, 1), 0)
+    vb = np.where(ok, b.data / np.where(ok, b.weight, 1), 0)
+    s = shell[ok]
+    num = np.bincount(s, weights=(va[ok] * np.conj(vb[ok])).real, minlength=nsh)[:nsh]
+    d1 = np.bincount(s, weights=np.abs(va[ok]) ** 2, minlength=nsh)[:nsh]
+    d2 = np.bincount(s, weights=np.abs(vb[ok]) ** 2, minlength=nsh)[:nsh]
+    den = np.sqrt(d1 * d2)
+    fsc = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    fsc[0] = 1.0
+    return fsc
+
+
+def join_halves_at_low_resolution(bp1: Any, bp2: Any, shell_limit: int) -> tuple[Any, Any]:
+    """RELION's ``joinTwoHalvesAtLowResolution``: average data and weight of both halves below ``shell_limit``."""
+    a, b = bp1.copy(), bp2.copy()
+    shell = np.floor(np.sqrt(a.radius2().astype(np.float64)) / a.pad + 0.5)
+    low = np.broadcast_to(shell < shell_limit, a.weight.shape)
+    for name in ("data", "weight"):
+        x, y = getattr(a, name), getattr(b, name)
+        avg = 0.5 * (x + y)
+        x[low] = avg[low]
+        y[low] = avg[low]
+    return a, b

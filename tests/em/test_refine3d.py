@@ -1,0 +1,168 @@
+"""refine3d end to end on simulated data: files, accuracy against the truth, --continue, RELION reads our output."""
+
+from __future__ import annotations
+
+import subprocess
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryodask.analysis.fsc import fsc, resolution_at
+from cryodask.em.iteration import rotation_angle_between
+from cryodask.em.refine3d import refine3d
+from cryodask.geometry.euler import euler_to_matrix
+from cryodask.io.mrc import write_map
+from cryodask.io.star import read_particles, read_star
+from cryodask.ops.filters import low_pass_filter, spherical_mask
+from cryodask.simulate import phantom, simulate_particles, write_simulation
+
+BOX, APIX = 32, 5.0
+COMMON = dict(ini_high=30.0, particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, flatten_solvent=True,
+              low_resol_join_halves=40.0, random_seed=3, pool=100, log=None)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from cryodask.cluster.local import local_client
+
+    with local_client(2) as c:
+        yield c
+
+
+def _dataset(folder, n, seed=1):
+    vol = phantom(BOX, seed=0)
+    sim = simulate_particles([vol], APIX, n=n, snr=0.3, seed=seed, n_optics_groups=2)
+    paths = write_simulation(folder, sim)
+    write_map(folder / "ref.mrc", low_pass_filter(vol, 30.0, APIX), APIX)
+    return vol, sim, paths
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine3d")
+    vol, sim, paths = _dataset(folder, 300)
+    return folder, vol, sim, paths
+
+
+@pytest.fixture(scope="module")
+def short_run(small, client):
+    folder, vol, sim, paths = small
+    res = refine3d(paths["particles"], folder / "A" / "run", folder / "ref.mrc", healpix_order=1, iter=2,
+                   client=client, **COMMON)
+    return res
+
+
+def _angular_errors(data, truth):
+    a = euler_to_matrix(*(data[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    b = euler_to_matrix(*(truth[c].to_numpy() for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")))
+    return rotation_angle_between(a, b)
+
+
+def test_short_run_writes_relions_files_and_finds_the_poses(small, short_run):
+    folder, vol, sim, paths = small
+    res = short_run
+    root = folder / "A" / "run"
+    for it in (1, 2):
+        for what in ("data.star", "half1_model.star", "half2_model.star", "optimiser.star", "sampling.star",
+                     "half1_class001.mrc", "half2_class001.mrc"):
+            assert (folder / "A" / f"run_it{it:03d}_{what}").is_file(), (it, what)
+    for what in ("class001.mrc", "half1_class001_unfil.mrc", "half2_class001_unfil.mrc", "data.star", "model.star"):
+        assert (folder / "A" / f"run_{what}").is_file(), what
+    assert res.iterations == 3  # two iterations, then the joined one
+    data = read_particles(f"{root}_data.star").particles
+    assert set(data["rlnRandomSubset"]) == {1, 2} and abs((data["rlnRandomSubset"] == 1).sum() - 150) <= 1
+    for c in ("rlnAngleRot", "rlnOriginXAngst", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples",
+              "rlnLogLikeliContribution", "rlnClassNumber"):
+        assert c in data.columns
+    model = read_star(folder / "A" / "run_it002_half1_model.star")
+    assert model["model_general"]["rlnCurrentImageSize"] == BOX
+    assert len(model["model_optics_group_2"]) == BOX // 2 + 1
+    assert (model["model_optics_group_1"]["rlnSigma2Noise"][1:] > 0).all()
+    # 15° fine sampling after two iterations from a 30 Å reference: most poses within ~ one step
+    err = _angular_errors(data, sim.truth)
+    assert np.median(err) < 15.0, np.median(err)
+    assert np.mean(err > 30) < 0.2
+    shift = np.hypot(data.rlnOriginXAngst - sim.truth.rlnOriginXAngst, data.rlnOriginYAngst - sim.truth.rlnOriginYAngst)
+    assert np.median(shift) < 1.0 * APIX
+    mask = spherical_mask(BOX, 0.4 * BOX, width=3)
+    assert resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX) < 20.0
+    assert 10.0 <= res.resolution < 25.0
+
+
+def test_continue_gives_the_same_maps_as_an_uninterrupted_run(small, short_run, client):
+    folder, _, _, paths = small
+    first = refine3d(paths["particles"], folder / "B" / "run", folder / "ref.mrc", healpix_order=1, iter=1,
+                     client=client, **COMMON)
+    assert first.iterations == 2
+    cont = refine3d(paths["particles"], folder / "B" / "run", None, iter=2, client=client,
+                    continue_from=folder / "B" / "run_it001_optimiser.star", log=None)
+    assert cont.iterations == 3
+    np.testing.assert_allclose(cont.map, short_run.map, rtol=0, atol=1e-5 * np.abs(short_run.map).max())
+    a = read_particles(folder / "A" / "run_data.star").particles
+    b = read_particles(folder / "B" / "run_data.star").particles
+    np.testing.assert_allclose(a.rlnAngleRot, b.rlnAngleRot)
+
+
+def test_continue_from_a_missing_file_is_a_user_error(small, client):
+    from cryodask.errors import UserError
+
+    folder, _, _, paths = small
+    with pytest.raises(UserError, match="does not exist"):
+        refine3d(paths["particles"], folder / "C" / "run", None, client=client,
+                 continue_from=folder / "C" / "run_it009_optimiser.star", log=None)
+
+
+@pytest.mark.relion
+def test_relion_reconstruct_reads_our_data_star(small, short_run, relion, tmp_path, monkeypatch):
+    from cryodask.cli import main
+
+    folder = small[0]
+    data = folder / "A" / "run_data.star"
+    monkeypatch.chdir(folder)  # image names are relative to the simulation folder
+    subprocess.run([str(relion / "relion_reconstruct"), "--i", str(data), "--o", str(tmp_path / "rel.mrc"),
+                    "--ctf", "--skip_gridding"], check=True, capture_output=True)
+    assert main(["reconstruct", "--i", str(data), "--o", str(tmp_path / "ours.mrc"), "--ctf"]) == 0
+    curve = fsc(mrcfile.read(tmp_path / "ours.mrc"), mrcfile.read(tmp_path / "rel.mrc"))
+    assert curve[: int(0.9 * BOX / 2) + 1].min() >= 0.99, curve
+
+
+@pytest.mark.slow
+def test_auto_refine_reaches_the_true_pose_resolution(tmp_path, client):
+    """Full schedule (global order 1 → 2, local from order 3): within 10% of the true-pose map."""
+    from cryodask.em.known_poses import reconstruct_known_poses
+    from cryodask.io.store import open_particles
+
+    vol, sim, paths = _dataset(tmp_path, 400)
+    res = refine3d(paths["particles"], tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1,
+                   auto_local_healpix_order=3, client=client, **COMMON)
+    truth = sim.truth.copy()
+    truth["rlnRandomSubset"] = res.data["rlnRandomSubset"].to_numpy()
+    known = reconstruct_known_poses(client, open_particles(paths["particles"]), truth, ctf=True)
+    mask = spherical_mask(BOX, 0.4 * BOX, width=3)
+    ours = resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX)
+    best = resolution_at(fsc(known.full_map, vol, mask=mask), 0.5, APIX)
+    assert ours <= 1.1 * best, (ours, best)
+    err = _angular_errors(res.data, sim.truth)
+    final_step = 360.0 / (6 * 2 ** res.history[-1]["order"]) / 2
+    assert np.median(err) < 3 * final_step, (np.median(err), final_step)
+    assert np.mean(err > 30) < 0.05
+
+
+def test_cli_refuses_a_run_without_reference(small, tmp_path, capsys):
+    from cryodask.cli import main
+
+    paths = small[3]
+    assert main(["refine3d", "--i", str(paths["particles"]), "--o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cryodask: error: --ref:") and "\n" not in err
+
+
+def test_cli_refuses_a_reference_of_another_box(small, tmp_path, capsys):
+    from cryodask.cli import main
+
+    paths = small[3]
+    write_map(tmp_path / "big.mrc", np.zeros((40, 40, 40), np.float32), APIX)
+    assert main(["refine3d", "--i", str(paths["particles"]), "--o", str(tmp_path / "run"), "--ref",
+                 str(tmp_path / "big.mrc"), "--workers", "1"]) == 2
+    assert "resample" in capsys.readouterr().err
