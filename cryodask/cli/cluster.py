@@ -104,27 +104,21 @@ def _show(name: str) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    import os
-    import socket
     import time
 
-    from cryodask.cluster.client import execution_client
+    from cryodask.cluster.client import execution_client, worker_info
 
     t0 = time.perf_counter()
     with execution_client(args, log_directory=args.log_dir) as client:
         t1 = time.perf_counter()
         info = client.scheduler_info()["workers"]
-
-        def probe() -> tuple[str, int, str | None]:
-            return socket.gethostname(), os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
-
-        seen = client.run(probe)
+        seen = client.run(worker_info)
         total = client.submit(sum, range(1000)).result()
         print(f"{len(info)} worker(s) up in {t1 - t0:.1f} s; sum(range(1000)) = {total}")
-        for addr, (host, pid, cvd) in sorted(seen.items()):
+        for addr, w in sorted(seen.items()):
             res = info.get(addr, {}).get("resources") or {}
-            extra = f", CUDA_VISIBLE_DEVICES={cvd}" if cvd is not None else ""
+            extra = "".join(f", {k}={w[k]}" for k in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES") if w[k] is not None)
             extra += f", resources {res}" if res else ""
-            print(f"  {addr}: {host} pid {pid}, {info.get(addr, {}).get('nthreads', '?')} thread(s){extra}")
+            print(f"  {addr}: {w['host']} pid {w['pid']}, {info.get(addr, {}).get('nthreads', '?')} thread(s){extra}")
     print(f"closed after {time.perf_counter() - t0:.1f} s")
     return 0

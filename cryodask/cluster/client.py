@@ -266,3 +266,19 @@ def _slurm(spec, ex: Execution, *, check_devices: bool, log_directory: str | Non
     with pinned, slurm_client(spec, jobs=jobs, cores=cores, log_directory=log_directory,
                               check_devices=check_devices, wait=wait, quiet=quiet) as client:
         yield client
+
+
+def worker_info(delay: float = 0.0) -> dict[str, Any]:
+    """What a worker process sees: host, pid, its GPUs and SLURM job (run it with ``client.run``).
+
+    ``delay`` seconds of sleep first, so that tasks submitted together overlap
+    (a check that they land on different workers).
+    """
+    import os
+    import socket
+    import time
+
+    if delay > 0:
+        time.sleep(delay)
+    env = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_GPUS")
+    return {"host": socket.gethostname(), "pid": os.getpid(), **{k: os.environ.get(k) for k in env}}

@@ -305,7 +305,8 @@ def local_gpu_cluster(gpu_list: GpuList = None, *, n_workers: int | None = None,
     gpus = check_gpus(ids, check_devices=check_devices, n_devices=n_devices)
     workers = local_gpu_worker_spec(gpus, n_workers=n_workers, threads=threads, memory_limit=memory_limit,
                                     quiet=quiet)
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0" if dashboard else None,
+    # the scheduler's HTTP server always starts: on a free port, never on 8787 that another cluster may hold
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "dashboard": dashboard,
                                                 "host": "127.0.0.1"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40 if quiet else 20,
                        name="cryodask-local-gpu")

@@ -24,6 +24,7 @@ that do not see the client's ``dask.config.set`` scope.
 from __future__ import annotations
 
 import contextlib
+import copy
 import getpass
 import logging
 import math
@@ -80,10 +81,29 @@ def _gpu_worker_args(spec: ClusterSpec, wargs: list[str]) -> list[str]:
     return [*wargs, "--resources", res]
 
 
+# jobqueue.slurm keys whose keyword argument is not the key with "_" for "-"
+_KWARG_NAMES = {"name": "job_name"}
+# settings of the cluster (its scheduler), not of each job
+_CLUSTER_ONLY = ("scheduler_options", "shared_temp_directory")
+# deprecated keys: passed on only when set (dask-jobqueue warns about them)
+_DEPRECATED = ("extra", "env-extra", "job-extra", "header-skip", "project")
+
+
 def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_directory: str | os.PathLike | None = None,
                  cores: int | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``SLURMCluster`` / ``SLURMJob`` on top of the active ``jobqueue.slurm`` config."""
+    """Keyword arguments for ``SLURMCluster`` / ``SLURMJob``: the active ``jobqueue.slurm`` config, all of it.
+
+    Every setting is passed explicitly: dask-jobqueue reads the ones it is not
+    given from the live dask config each time it makes a job, so a replacement
+    job submitted later (adapt) would otherwise see whatever configuration is
+    active then, not this cluster's.
+    """
     kwargs: dict[str, Any] = {}
+    for key, value in (dask.config.get("jobqueue.slurm", {}) or {}).items():
+        key = key.replace("_", "-")
+        if key in _DEPRECATED and not value:
+            continue
+        kwargs[_KWARG_NAMES.get(key, key.replace("-", "_"))] = copy.deepcopy(value)
     prologue = [str(x) for x in (dask.config.get(P + "job-script-prologue") or [])]
     if spec.worker_config:
         sections = ", ".join(sorted(spec.worker_config))
@@ -112,8 +132,10 @@ def render_job_script(spec: ClusterSpec, *, job_name: str | None = None,
     import_jobqueue()
     from dask_jobqueue.slurm import SLURMJob
 
-    job = SLURMJob(scheduler=SCHEDULER_PLACEHOLDER, name="dummy-name",
-                   **slurm_kwargs(spec, job_name=job_name or user_job_name("TOKEN"), log_directory=log_directory))
+    kwargs = slurm_kwargs(spec, job_name=job_name or user_job_name("TOKEN"), log_directory=log_directory)
+    for k in _CLUSTER_ONLY:
+        kwargs.pop(k, None)
+    job = SLURMJob(scheduler=SCHEDULER_PLACEHOLDER, name="dummy-name", **kwargs)
     return job.job_script()
 
 
