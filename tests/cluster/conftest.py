@@ -16,9 +16,18 @@ SLURM_CPUS = 8
 SLURM_GPUS = 2
 
 
+def _as_root() -> list[str] | None:
+    """The prefix that runs a command as root: [] for root, sudo when it needs no password, else None."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        return ["sudo", "-n", "-E"]
+    return None
+
+
 def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the local SLURM needs root (scripts/start-local-slurm.sh)"
+    if _as_root() is None:
+        return "the local SLURM needs root or password-less sudo (scripts/start-local-slurm.sh)"
     missing = [exe for exe in ("slurmctld", "slurmd", "munged", "sbatch", "squeue") if shutil.which(exe) is None]
     if missing:
         return f"SLURM is not installed ({', '.join(missing)} missing): run scripts/install-system-deps.sh"
@@ -37,7 +46,7 @@ def local_slurm() -> str:
         if IN_CI:
             pytest.fail(why)
         pytest.skip(why)
-    out = subprocess.run(["bash", str(REPO / "scripts" / "start-local-slurm.sh"), "--cpus", str(SLURM_CPUS),
+    out = subprocess.run([*_as_root(), "bash", str(REPO / "scripts" / "start-local-slurm.sh"), "--cpus", str(SLURM_CPUS),
                           "--gpus", str(SLURM_GPUS)], capture_output=True, text=True, timeout=180)
     if out.returncode != 0:  # root and the packages are there: a failure here is a bug
         pytest.fail(f"start-local-slurm.sh failed:\n{out.stdout}\n{out.stderr}")

@@ -30,6 +30,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def squeue(*args: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, timeout=30)
+    if "Invalid job id" in out.stderr:  # a job SLURM has already forgotten
+        return []
     assert out.returncode == 0, out.stderr
     return [ln for ln in out.stdout.splitlines() if ln.strip()]
 
@@ -318,3 +320,22 @@ def _wait_job(job: str, timeout: float) -> tuple[str, str]:
         time.sleep(0.3)
     subprocess.run(["scancel", job])
     return state, exit_code
+
+
+def test_submit_workers_pipeline(local_slurm, tmp_path):
+    # a driver job that submits its workers as SLURM jobs from a cluster configuration
+    cfg = test_config("slurm-cpu", tmp_path, name="driver", jobs=1)
+    env = {**os.environ, "CRYODASK": str(Path(sys.executable).parent / "cryodask"), "CLUSTER": str(cfg)}
+    out = tmp_path / "driver.txt"
+    sub = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--mem=1G", "--time=5", f"--output={out}",
+                          str(REPO / "pipelines" / "submit-workers.sbatch"), "cluster", "test"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    state = _wait_job(sub.stdout.strip().split(";")[0], timeout=90)
+    text = out.read_text() if out.exists() else ""
+    assert state == ("COMPLETED", "0:0"), text[-3000:]
+    assert "1 worker(s) up" in text and "SLURM_JOB_ID=" in text
+    # the worker ran as a job of its own, and is gone with the driver
+    worker_job = text.split("SLURM_JOB_ID=")[1].split(",")[0].split()[0]
+    assert worker_job != sub.stdout.strip().split(";")[0]
+    assert squeue("-j", worker_job, "-t", "PD,R") == []
