@@ -73,6 +73,9 @@ class IterationSetup:
     do_ctf: bool = True
     random_seed: int = 0
     n_acc_particles: int = 5  # particles per chunk used for the expected angular accuracy
+    split_halves: bool = True  # refine3d: one reference per half-set; class3d: K references for all
+    class_fractions: list[float] | None = None  # class3d priors
+    random_classes: bool = False  # class3d's first iteration: each particle to one random class
 
 
 @dataclass
@@ -104,12 +107,13 @@ class Accumulators:
     weight_sum: np.ndarray  # (n_halves,)
     acc_rot: np.ndarray  # (2,) Σ accuracy, count
     acc_trans: np.ndarray  # (2,)
+    class_weight: np.ndarray  # (n_references,) Σ w per reference
 
     def __iadd__(self, other: "Accumulators") -> "Accumulators":
         for a, b in zip(self.bp, other.bp, strict=True):
             a += b
         for name in ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum",
-                     "acc_rot", "acc_trans"):
+                     "acc_rot", "acc_trans", "class_weight"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -128,6 +132,7 @@ class ChunkResult:
     n_significant: np.ndarray
     log_likelihood: np.ndarray
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    class_number: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def sum_accumulators(*parts: Any) -> Accumulators:
@@ -136,7 +141,7 @@ def sum_accumulators(*parts: Any) -> Accumulators:
     total = Accumulators(bp=[b.copy() for b in accs[0].bp], **{
         k: np.array(getattr(accs[0], k), copy=True) for k in (
             "sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
-            "acc_trans")})
+            "acc_trans", "class_weight")})
     for a in accs[1:]:
         total += a
     return total
@@ -145,7 +150,8 @@ def sum_accumulators(*parts: Any) -> Accumulators:
 def particle_results(r: ChunkResult) -> ChunkResult:
     """The chunk's per-particle results without its accumulators (what the driver gathers)."""
     return ChunkResult(acc=None, index=r.index, rot=r.rot, tilt=r.tilt, psi=r.psi, origins_px=r.origins_px,
-                       pmax=r.pmax, n_significant=r.n_significant, log_likelihood=r.log_likelihood, failed=r.failed)
+                       pmax=r.pmax, n_significant=r.n_significant, log_likelihood=r.log_likelihood, failed=r.failed,
+                       class_number=r.class_number)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,9 +257,13 @@ def _inv_sigma2(sigma2: np.ndarray, optics: np.ndarray, shell: np.ndarray, *, or
     return inv.astype(np.float32)
 
 
-def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, proj, sampling, coarse_index, log_prior_orient,
+def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampling, coarse_index, log_prior_orient,
                  kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset):
-    """Score one batch of particles (all against one set of coarse orientations); returns (result, sums, P_fine)."""
+    """Score one batch of particles against every class in ``projs`` (one set of coarse orientations).
+
+    Returns the :class:`~cryodask.em.estep.TwoPassResult`, and per class ``(MStepSums, fine rotation
+    matrices)`` or ``None`` when the class received no significant sample.
+    """
     from cryodask.em.estep import (gaussian_log_prior_trans, mstep_sums, offset_prior_diff2, phase_ramps,
                                    precompute_shifted, score_two_pass, scoring_terms)
 
@@ -271,40 +281,47 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, proj, samplin
                            mode=setup.mode)
     fine = scoring_terms(precompute_shifted(Xf, ramps_f), ctf=ctf_f, inv_sigma2=isg_f, n_trans=n_tf,
                          mode=setup.mode)
-    grid_c = sampling.orientations(coarse_index)
-    P_c = proj.sample(grid_c.matrices(np.float32), kx_c, ky_c)
-    cache: dict[str, Any] = {}
+    mats_c = sampling.orientations(coarse_index).matrices(np.float32)
+    P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
+    mats_f: dict[int, np.ndarray] = {}
 
     def fine_projector(c: int, orient: np.ndarray) -> np.ndarray:
         orient = np.asarray(orient)
         rc = orient[::n_over_rot] // n_over_rot
-        grid = sampling.oversample(coarse_index[rc], os_)
-        mats = grid.matrices(np.float32)
-        cache["grid"] = grid
-        cache["mats"] = mats
-        return proj.sample(mats, kx_f, ky_f)
+        mats = sampling.oversample(coarse_index[rc], os_).matrices(np.float32)
+        mats_f[c] = mats
+        return projs[c].sample(mats, kx_f, ky_f)
 
     lpt = gaussian_log_prior_trans(t_coarse, np.zeros((n_i, 2)), sigma_offset=sigma_offset,
                                    angpix=setup.pixel_size)
-    res = score_two_pass(coarse, fine, [P_c], fine_projector, n_over_rot=n_over_rot, n_over_trans=n_over_trans,
+    res = score_two_pass(coarse, fine, P_c, fine_projector, n_over_rot=n_over_rot, n_over_trans=n_over_trans,
                          log_prior_orient=log_prior_orient, log_prior_trans=lpt,
                          adaptive_fraction=setup.adaptive_fraction)
-    fcl = res.classes[0]
-    if "mats" not in cache:  # no significant orientation at all
-        return res, None, None, None
-    w, sig = res.class_weights(0)
     t_sel = t_fine[res.fine_translations]
     ramps_sel = ramps_f[res.fine_translations]
     Xu_s = precompute_shifted(Xu, ramps_sel)
     Xm_s = precompute_shifted(Xf, ramps_sel)
     od2 = offset_prior_diff2(t_sel, np.zeros((n_i, 2)), angpix=setup.pixel_size)
-    sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f, inv_sigma2=isg_m, n_trans=len(t_sel),
-                      X_shifted_masked=Xm_s, significant=sig, group=optics, n_groups=n_optics, offset_diff2=od2)
-    return res, sums, cache["mats"], cache["grid"]
+    out: list[Any] = []
+    for c, fcl in enumerate(res.classes):
+        if c not in mats_f or fcl.stop == fcl.start:
+            out.append(None)
+            continue
+        w, sig = res.class_weights(c)
+        sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f, inv_sigma2=isg_m, n_trans=len(t_sel),
+                          X_shifted_masked=Xm_s, significant=sig, group=optics, n_groups=n_optics, offset_diff2=od2)
+        out.append((sums, mats_f[c]))
+    return res, out
 
 
 def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup) -> ChunkResult:
-    """E-step and M-step sums of one chunk (see the module docstring)."""
+    """E-step and M-step sums of one chunk (see the module docstring).
+
+    With ``setup.split_halves`` (refine3d) particles of half ``h`` are scored against
+    reference ``h`` and accumulated into ``bp[h]``; otherwise (class3d) every particle is
+    scored against all references together, with the class priors ``setup.class_fractions``,
+    and class ``k``'s weighted slices go into ``bp[k]``.
+    """
     from cryodask.geometry.euler import euler_to_matrix, matrix_to_euler
     from cryodask.geometry.healpix import healpix_sampling, local_subset
     from cryodask.geometry.shifts import oversample_translations, translation_grid
@@ -315,7 +332,8 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     n = len(images)
     box = setup.box
     nsh = box // 2 + 1
-    n_halves = len(setup.reference_paths)
+    n_refs = len(setup.reference_paths)
+    n_sets = n_refs if setup.split_halves else 1  # particle sets with their own σ² and offsets
     n_opt = meta.n_optics
     r_cur = setup.current_size / 2.0
     r_coarse = setup.coarse_size / 2.0
@@ -339,12 +357,14 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     t_fine = oversample_translations(t_coarse, None, setup.oversampling, setup.offset_step)
 
     acc = Accumulators(
-        bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(n_halves)],
-        sigma2_sum=np.zeros((n_halves, n_opt, nsh)), power_sum=np.zeros((n_halves, n_opt, nsh)),
-        pixel_count=np.zeros((n_halves, n_opt, nsh)), n_particles=np.zeros((n_halves, n_opt)),
-        sigma2_offset=np.zeros(n_halves), weight_sum=np.zeros(n_halves), acc_rot=np.zeros(2), acc_trans=np.zeros(2))
+        bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(n_refs)],
+        sigma2_sum=np.zeros((n_sets, n_opt, nsh)), power_sum=np.zeros((n_sets, n_opt, nsh)),
+        pixel_count=np.zeros((n_sets, n_opt, nsh)), n_particles=np.zeros((n_sets, n_opt)),
+        sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets), acc_rot=np.zeros(2), acc_trans=np.zeros(2),
+        class_weight=np.zeros(n_refs))
     out_rot, out_tilt, out_psi = meta.rot.copy(), meta.tilt.copy(), meta.psi.copy()
     out_orig = meta.origins_px.copy()
+    out_class = np.zeros(n, np.int64)
     pmax = np.zeros(n)
     nsig = np.zeros(n, np.int64)
     ll = np.zeros(n)
@@ -352,15 +372,19 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     old_mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3)
 
     n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
-    n_per_shell_a = np.bincount(sh_a, minlength=nsh)[:nsh]
-    for h in range(n_halves):
-        sel = np.flatnonzero(meta.half == h + 1) if n_halves > 1 else np.arange(n)
+    for h in range(n_sets):
+        sel = np.flatnonzero(meta.half == h + 1) if setup.split_halves and n_sets > 1 else np.arange(n)
         if len(sel) == 0:
             continue
-        proj = load_projector(setup.reference_paths[h], pad=setup.pad, r_max=r_cur)
+        refs = [h] if setup.split_halves else list(range(n_refs))
+        projs = [load_projector(setup.reference_paths[k], pad=setup.pad, r_max=r_cur) for k in refs]
+        class_lp = None
+        if not setup.split_halves and setup.class_fractions is not None:
+            with np.errstate(divide="ignore"):
+                class_lp = np.log(np.asarray(setup.class_fractions, np.float64))
         sigma2 = setup.sigma2_noise[h]
         opt = meta.optics[sel]
-        # power of the masked images per shell (σ² beyond the window, and the initial estimate)
+        # power of the masked images per shell (σ² beyond the window)
         pw = np.abs(M[sel][:, flat_a]) ** 2
         for o in range(n_opt):
             so = opt == o
@@ -368,66 +392,82 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                 acc.power_sum[h, o] += np.bincount(sh_a, weights=pw[so].sum(axis=0), minlength=nsh)[:nsh]
                 acc.n_particles[h, o] += so.sum()
                 acc.pixel_count[h, o] += n_per_shell_f * so.sum()
-        if setup.local_searches:
-            batches = [np.array([i]) for i in sel]
-        else:
-            batches = [sel]
+        batches = [np.array([i]) for i in sel] if setup.local_searches else [sel]
         for b in batches:
             ob = meta.optics[b]
             kw = dict(Xc=M[b][:, flat_c], Xf=M[b][:, flat_f], Xu=U[b][:, flat_f], ctf_c=C[b][:, flat_c],
                       ctf_f=C[b][:, flat_f], isg_c=_inv_sigma2(sigma2, ob, sh_c, origin=False),
                       isg_f=_inv_sigma2(sigma2, ob, sh_f, origin=False),
-                      isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), proj=proj, sampling=sampling,
+                      isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), projs=projs, sampling=sampling,
                       kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, setup=setup,
                       optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h])
             if setup.local_searches:
                 i = int(b[0])
                 idx, lp = local_subset(sampling, meta.rot[i], meta.tilt[i], meta.psi[i], sigma_rot=setup.sigma_ang,
                                        sigma_tilt=setup.sigma_ang, sigma_psi=setup.sigma_ang)
-                kw.update(coarse_index=idx, log_prior_orient=lp[None, :])
             else:
-                kw.update(coarse_index=np.arange(sampling.n_orientations), log_prior_orient=None)
-            res, sums, mats, grid = _score_batch(**kw)
+                idx, lp = np.arange(sampling.n_orientations), None
+            if class_lp is not None:
+                base = np.zeros(len(idx)) if lp is None else lp
+                lp = class_lp[:, None] + base[None, :]
+                if setup.random_classes:  # break the symmetry of identical starting references
+                    pick = iteration_rng(setup.random_seed, setup.iteration, 2_000_003 + int(meta.index[b[0]])
+                                         ).integers(0, len(projs), len(b))
+                    own = np.arange(len(projs))[None, :] == pick[:, None]
+                    lp = np.where(own[:, :, None], lp[None], -np.inf)
+            elif lp is not None:
+                lp = np.broadcast_to(lp[None, :], (len(projs), len(idx)))
+            kw.update(coarse_index=idx, log_prior_orient=lp)
+            res, per_class = _score_batch(**kw)
             fail = np.asarray(res.fine.failed)
             failed[b] |= fail
-            if sums is None:
-                continue
-            # per-particle best pose
-            _, orient, tf = res.best_pose()
-            local = np.asarray(orient)  # fine orientation indices: position in the fine list of class 0
-            pos = res.fine.best_orientation
-            best_mats = mats[np.asarray(pos)]
-            rot, tilt, psi = matrix_to_euler(best_mats)
+            # per-particle best pose: its class and the row of that class's fine matrices
+            pos = np.asarray(res.fine.best_orientation)
             ok = ~fail
-            out_rot[b[ok]], out_tilt[b[ok]], out_psi[b[ok]] = rot[ok], tilt[ok], psi[ok]
-            out_orig[b[ok]] = meta.origins_px[b[ok]] + t_fine[np.asarray(tf)][ok]
+            best = np.zeros((len(b), 3, 3))
+            cls = np.zeros(len(b), np.int64)
+            for c, fcl in enumerate(res.classes):
+                inside = (pos >= fcl.start) & (pos < fcl.stop) & ok
+                if inside.any() and per_class[c] is not None:
+                    best[inside] = per_class[c][1][pos[inside] - fcl.start]
+                    cls[inside] = refs[c]
+            ok &= np.abs(best).sum(axis=(1, 2)) > 0
+            rot, tilt, psi = matrix_to_euler(best[ok]) if ok.any() else (np.zeros(0),) * 3
+            out_rot[b[ok]], out_tilt[b[ok]], out_psi[b[ok]] = rot, tilt, psi
+            out_orig[b[ok]] = meta.origins_px[b[ok]] + t_fine[np.asarray(res.fine_translations)[
+                np.asarray(res.fine.best_translation)]][ok]
+            out_class[b] = cls
             pmax[b] = res.fine.pmax
             nsig[b] = res.coarse.n_significant
             ll[b] = res.fine.log_likelihood
-            del local
-            # insert the weighted slices (rows of sums.data) at their orientations
-            act = np.asarray(sums.orientations)
-            if len(act):
-                slices = np.zeros((len(act), box * (box // 2 + 1)), np.complex64)
-                weights = np.zeros((len(act), box * (box // 2 + 1)), np.float32)
-                slices[:, flat_f] = sums.data
-                weights[:, flat_f] = sums.weight
-                acc.bp[h].insert(slices.reshape(len(act), box, box // 2 + 1), mats[act],
-                                 weights=weights.reshape(len(act), box, box // 2 + 1))
-            for o in range(n_opt):
-                acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(sums.sigma2_noise[o], np.float64),
-                                                    minlength=nsh)[:nsh]
-            acc.sigma2_offset[h] += sums.sigma2_offset
-            acc.weight_sum[h] += float(np.asarray(sums.sum_weight).sum())
+            for c, item in enumerate(per_class):
+                if item is None:
+                    continue
+                sums, mats = item
+                k = refs[c]
+                act = np.asarray(sums.orientations)
+                if len(act):  # insert the weighted slices at their orientations
+                    slices = np.zeros((len(act), box * (box // 2 + 1)), np.complex64)
+                    weights = np.zeros((len(act), box * (box // 2 + 1)), np.float32)
+                    slices[:, flat_f] = sums.data
+                    weights[:, flat_f] = sums.weight
+                    acc.bp[k].insert(slices.reshape(len(act), box, box // 2 + 1), mats[act],
+                                     weights=weights.reshape(len(act), box, box // 2 + 1))
+                for o in range(n_opt):
+                    acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(sums.sigma2_noise[o], np.float64),
+                                                        minlength=nsh)[:nsh]
+                acc.sigma2_offset[h] += sums.sigma2_offset
+                acc.weight_sum[h] += float(np.asarray(sums.sum_weight).sum())
+                acc.class_weight[k] += sums.class_weight
         # expected accuracy (RELION's calculateExpectedAngularErrors, simplified) on a few particles
         k = min(setup.n_acc_particles, len(sel))
         if k and setup.mode == "ml":
-            ar, at = _expected_accuracy(proj, sel[:k], old_mats, C, sigma2, meta.optics, kx_f, ky_f, sh_f, flat_f,
-                                        setup)
+            ar, at = _expected_accuracy(projs[0], sel[:k], old_mats, C, sigma2, meta.optics, kx_f, ky_f, sh_f,
+                                        flat_f, setup)
             acc.acc_rot += [ar * k, k]
             acc.acc_trans += [at * k, k]
     return ChunkResult(acc=acc, index=meta.index, rot=out_rot, tilt=out_tilt, psi=out_psi, origins_px=out_orig,
-                       pmax=pmax, n_significant=nsig, log_likelihood=ll, failed=failed)
+                       pmax=pmax, n_significant=nsig, log_likelihood=ll, failed=failed, class_number=out_class + 1)
 
 
 _ANGLE_STEPS = np.concatenate([np.arange(0.05, 1.0, 0.05), np.arange(1.0, 5.0, 0.1), np.arange(5.0, 30.0, 0.5)])

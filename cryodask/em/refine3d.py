@@ -119,9 +119,10 @@ class _Run:
             ctf = ctf_params(sub, source=src)
             pre = ctf_premultiplied(sub, source=src)
         origins = np.stack([_column(p, "rlnOriginXAngst", 0.0), _column(p, "rlnOriginYAngst", 0.0)], 1) / self.apix
+        half = _column(p, "rlnRandomSubset", 1.0).astype(np.int64)
         return ChunkMeta(index=np.arange(sl.start, sl.stop), rot=_column(p, "rlnAngleRot", 0.0),
                          tilt=_column(p, "rlnAngleTilt", 0.0), psi=_column(p, "rlnAnglePsi", 0.0),
-                         origins_px=origins, half=p["rlnRandomSubset"].to_numpy(np.int64),
+                         origins_px=origins, half=half,
                          optics=self.optics_index[sl], ctf=ctf, premultiplied=pre, n_optics=self.n_opt)
 
 
