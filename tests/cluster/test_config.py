@@ -13,7 +13,6 @@ from pathlib import Path
 
 import dask
 import pytest
-import yaml
 
 from cryodask.cli import main as cli
 from cryodask.cluster import add_execution_args, execution_client
@@ -348,14 +347,6 @@ def test_unknown_option_name_is_a_type_error():
 # local clients
 
 
-def _threads() -> int:
-    import threading
-
-    from distributed import get_worker
-
-    return get_worker().state.nthreads + 0 * threading.active_count()
-
-
 def test_execution_client_local_config_scoped():
     # --cluster local: its distributed section reaches the scheduler and the workers, and leaves with the job
     with execution_client(cluster="local", workers=2, j=1) as client:
@@ -385,6 +376,20 @@ def test_execution_client_scheduler_file_timeout(tmp_path, monkeypatch):
         with slurm.scheduler_file_client(tmp_path / "none.json", timeout=0.5):
             pass
     assert err.value.where.startswith("--scheduler_file")
+
+
+def test_execution_client_joins_a_running_scheduler(tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)  # not inside srun: join, do not start a runner
+    path = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+                      scheduler_kwargs={"scheduler_file": str(path)}) as cluster:
+        with execution_client(scheduler_file=str(path)) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+        assert cluster.status.name == "running"  # someone else's scheduler is left running
+        assert len(cluster.scheduler.workers) == 1
 
 
 def test_importing_jobqueue_keeps_ctrl_c():

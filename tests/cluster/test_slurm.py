@@ -231,10 +231,13 @@ def test_gpu_jobs_each_see_their_own_gpu(local_slurm, tmp_path):
 
 
 def test_jobs_cancelled_on_error(local_slurm, tmp_path):
-    cfg = test_config("slurm-cpu", tmp_path, name="err", jobs=1)
+    # also: --workers and --j override the configuration (1 job, 2 threads booked as 2 CPUs)
+    cfg = test_config("slurm-cpu", tmp_path, name="err", jobs=3)
     with pytest.raises(RuntimeError, match="boom"):
-        with execution_client(cluster=str(cfg)) as client:
-            name = next(iter(client.run(_job_env, "SLURM_JOB_NAME").values()))[0]
+        with execution_client(cluster=str(cfg), workers=1, j=2) as client:
+            (name, cpus), = client.run(_job_env, "SLURM_JOB_NAME", "SLURM_CPUS_PER_TASK").values()
+            assert cpus == "2"
+            assert [w["nthreads"] for w in client.scheduler_info()["workers"].values()] == [2]
             assert len(squeue("-n", name, "-t", "R")) == 1
             client.cluster.scale(jobs=3)  # and one more that may still be pending or starting
             time.sleep(0.5)
