@@ -317,9 +317,9 @@ def _suggest_duration(text: str) -> str:
     return f"write {secs / 60:g}m" if secs % 60 == 0 else f"write {secs:g}s"
 
 
-def _check_cryodask(source: str) -> tuple[list[Problem], ClusterSpec | None]:
+def _check_cryodask(source: str, default_kind: str | None = None) -> tuple[list[Problem], ClusterSpec | None]:
     problems: list[Problem] = []
-    kind = _get("cryodask.cluster.kind")
+    kind = _get("cryodask.cluster.kind") or default_kind
     if kind is None:
         problems.append(Problem("error", "cryodask.cluster.kind", f"missing; set it to one of {', '.join(KINDS)}"))
     elif kind not in KINDS:
@@ -617,7 +617,8 @@ def current_spec(source: str = "dask config") -> ClusterSpec:
     """
     if _get("cryodask.cluster.kind") is None and _get("cryodask.gpu") is None:
         return ClusterSpec(source=source)
-    problems, spec = _check_cryodask(source)
+    # a user's ~/.config/dask may hold just a gpu section: the kind is then the local default
+    problems, spec = _check_cryodask(source, default_kind="local")
     errors = [p for p in problems if p.level == "error"]
     if errors:
         raise _as_user_error(errors, source)

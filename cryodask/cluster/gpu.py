@@ -253,6 +253,13 @@ def check_gpus(gpus: Sequence[int] | None, *, check_devices: bool = True, n_devi
     return gpus
 
 
+def gpu_task_resources(client) -> dict[str, float] | None:
+    """``resources=`` for GPU tasks on this client's cluster: ``{"GPU": 1}`` when its workers advertise
+    GPUs, else None (a CPU cluster: tasks run anywhere, on NumPy)."""
+    workers = client.scheduler_info()["workers"].values()
+    return {GPU_RESOURCE: 1} if any((w.get("resources") or {}).get(GPU_RESOURCE) for w in workers) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # the local GPU cluster: one worker process per GPU
 

@@ -102,6 +102,12 @@ def test_user_dask_config_section_is_used():
         spec = current_spec()
         assert (spec.kind, spec.jobs, spec.adapt) == ("slurm", 3, None)
     assert current_spec().kind == "local"
+    with dask.config.set({"cryodask.gpu.gpu-list": "0 1"}):  # a gpu section alone: local GPUs
+        spec = current_spec()
+        assert (spec.kind, spec.gpu, spec.gpu_list) == ("local", False, [0, 1])
+    with dask.config.set({"cryodask.cluster.kind": "pbs"}), pytest.raises(UserError) as err:
+        current_spec()
+    assert err.value.where == "dask config, cryodask.cluster.kind"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +359,9 @@ def test_execution_client_local_config_scoped():
         assert len(client.scheduler_info()["workers"]) == 2
         assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures) == 5
         assert set(client.run(lambda: dask.config.get("distributed.scheduler.allowed-failures")).values()) == {5}
+        from cryodask.cluster.gpu import gpu_task_resources
+
+        assert gpu_task_resources(client) is None  # a CPU cluster: tasks ask for no GPU
         assert dask.config.get("cryodask.cluster.kind") == "local"
         cluster = client.cluster
     assert cluster.status.name == "closed"

@@ -8,8 +8,9 @@ import warnings
 import pytest
 
 from cryodask.cluster import assign_gpus
-from cryodask.cluster.gpu import (GpuSyntaxWarning, check_gpus, local_gpu_client, local_gpu_worker_spec,
-                                  parse_gpu_list, parse_gpu_option, substitute_gpu, visible_devices)
+from cryodask.cluster.gpu import (GpuSyntaxWarning, check_gpus, gpu_task_resources, local_gpu_client,
+                                  local_gpu_worker_spec, parse_gpu_list, parse_gpu_option, substitute_gpu,
+                                  visible_devices)
 from cryodask.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,8 @@ def test_local_gpu_cluster_with_fake_devices():
         assert by_name["gpu-0"][1] != by_name["gpu-1"][1] != os.getpid()  # separate processes
         assert all(w["resources"] == {"GPU": 1} for w in info.values())
         # GPU tasks ask for the resource: two at once run on the two workers, one each
-        futs = [client.submit(_slow_view, i, resources={"GPU": 1}, pure=False) for i in range(2)]
+        assert gpu_task_resources(client) == {"GPU": 1}
+        futs = [client.submit(_slow_view, i, resources=gpu_task_resources(client), pure=False) for i in range(2)]
         assert sorted(f.result()[0] for f in futs) == ["0", "1"]
 
 
