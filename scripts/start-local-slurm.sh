@@ -181,7 +181,7 @@ fi
 # 3. daemons: slurmctld first (wait for `scontrol ping` UP), then slurmd
 ctld_up() { alive "$STATE/run/slurmctld.pid"; }
 d_up() { alive "$STATE/run/slurmd.pid"; }
-clear_state=0
+clear_state=$changed  # saved node and job state from another configuration is not carried over
 if [ "$COLD" -eq 1 ] || { [ "$changed" -eq 1 ] && { ctld_up || d_up; }; }; then
   # jobs first: their slurmstepd outlives slurmd
   if ctld_up; then scancel --full --quiet $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true; fi
