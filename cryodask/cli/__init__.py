@@ -23,7 +23,9 @@ COMMANDS: dict[str, str] = {
     "reconstruct": "cryodask.cli.reconstruct",
     "demo": "cryodask.cli.demo",
     "refine3d": "cryodask.cli.refine3d",
+    "class3d": "cryodask.cli.class3d",
     "cluster": "cryodask.cli.cluster",
+    "class2d": "cryodask.cli.class2d",
 }
 
 

@@ -76,6 +76,7 @@ class IterationSetup:
     split_halves: bool = True  # refine3d: one reference per half-set; class3d: K references for all
     class_fractions: list[float] | None = None  # class3d priors
     random_classes: bool = False  # class3d's first iteration: each particle to one random class
+    batch_size: int = 0  # particles scored together in global searches (0: the whole chunk; smaller was slower)
 
 
 @dataclass
@@ -258,7 +259,8 @@ def _inv_sigma2(sigma2: np.ndarray, optics: np.ndarray, shell: np.ndarray, *, or
 
 
 def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampling, coarse_index, log_prior_orient,
-                 kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset):
+                 kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset,
+                 P_c=None):
     """Score one batch of particles against every class in ``projs`` (one set of coarse orientations).
 
     Returns the :class:`~cryodask.em.estep.TwoPassResult`, and per class ``(MStepSums, fine rotation
@@ -281,8 +283,9 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampli
                            mode=setup.mode)
     fine = scoring_terms(precompute_shifted(Xf, ramps_f), ctf=ctf_f, inv_sigma2=isg_f, n_trans=n_tf,
                          mode=setup.mode)
-    mats_c = sampling.orientations(coarse_index).matrices(np.float32)
-    P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
+    if P_c is None:
+        mats_c = sampling.orientations(coarse_index).matrices(np.float32)
+        P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
     mats_f: dict[int, np.ndarray] = {}
 
     def fine_projector(c: int, orient: np.ndarray) -> np.ndarray:
@@ -392,7 +395,16 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                 acc.power_sum[h, o] += np.bincount(sh_a, weights=pw[so].sum(axis=0), minlength=nsh)[:nsh]
                 acc.n_particles[h, o] += so.sum()
                 acc.pixel_count[h, o] += n_per_shell_f * so.sum()
-        batches = [np.array([i]) for i in sel] if setup.local_searches else [sel]
+        P_c = None
+        if setup.local_searches:
+            batches = [np.array([i]) for i in sel]
+        else:
+            # the fine pass runs over the union of a batch's significant samples; smaller batches shrink
+            # the union but cost more per particle (measured at box 32), so the default is one batch
+            bs = setup.batch_size if setup.batch_size > 0 else len(sel)
+            batches = [sel[s:s + bs] for s in range(0, len(sel), bs)]
+            mats_c = sampling.orientations().matrices(np.float32)
+            P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
         for b in batches:
             ob = meta.optics[b]
             kw = dict(Xc=M[b][:, flat_c], Xf=M[b][:, flat_f], Xu=U[b][:, flat_f], ctf_c=C[b][:, flat_c],
@@ -400,7 +412,7 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                       isg_f=_inv_sigma2(sigma2, ob, sh_f, origin=False),
                       isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), projs=projs, sampling=sampling,
                       kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, setup=setup,
-                      optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h])
+                      optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h], P_c=P_c)
             if setup.local_searches:
                 i = int(b[0])
                 idx, lp = local_subset(sampling, meta.rot[i], meta.tilt[i], meta.psi[i], sigma_rot=setup.sigma_ang,
