@@ -1,0 +1,851 @@
+"""2D classification (RELION's Class2D: ``relion_refine`` with ``--K`` classes of 2D references).
+
+Each iteration is one Dask graph (DESIGN §3):
+
+* one task per particle chunk (:func:`expectation_chunk`, submitted next to its chunk
+  future): recentre each image by its previous offset, soft circular mask of
+  ``--particle_diameter`` (zeros outside with ``--zero_mask``, else white noise of the
+  background's variance), FFT with RELION's normalisation, CTF; score against every
+  class × in-plane rotation × translation with the GEMM kernel
+  (:func:`cryodask.em.estep.score_terms`); posterior with the class fractions and the
+  Gaussian translation prior centred on each class's prior offset (RELION's 2D rule);
+  M-step sums (:func:`cryodask.em.estep.mstep_sums`) inserted into one 2D
+  :class:`~cryodask.ops.backproject.BackProjector` per class (``backrotate2D``) on the worker;
+* a tree reduction of the chunk sums (:func:`cryodask.em.known_poses.tree_reduce`);
+* one reconstruction task per class, in parallel, regularised by τ² = the power spectrum of
+  the class's current reference (RELION's classification rule) times ``--tau2_fudge``;
+* on the driver: σ² per optics group, class fractions, per-class prior offsets, σ_offset,
+  the resolution (last shell with SSNR ≥ 1 over the classes) and the next image size.
+
+Initialisation follows RELION without ``--ref``: every reference starts as the average
+of all (masked) particles, and in the first iteration each particle is given to one
+random class (``do_generate_seeds``), aligned against that average; the first class
+averages are therefore averages of random subsets.
+
+Simplifications (documented, to be lifted): the search is a single pass over the fine
+grid (psi step ``psi_step / 2^os``, translation step ``offset_step / 2^os``) rather than
+RELION's two-pass adaptive oversampling — the same posterior, at more cost; no norm /
+scale correction; no ``--continue`` yet; the grid is not randomly perturbed.
+
+References reach the chunk tasks as the ``_classes.mrcs`` file of the previous
+iteration (read and turned into a projector once per worker process), never embedded
+in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryodask import backend
+from cryodask.errors import UserError
+
+__all__ = ["class2d", "Class2DResult", "Class2DSetup", "ChunkInput", "Class2DSums", "expectation_chunk",
+           "initial_chunk", "fine_sampling", "coarse_image_size_2d"]
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces
+
+
+def fine_sampling(psi_step: float, offset_range: float, offset_step: float, oversampling: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane angles (degrees) and translations (pixels, ``(T, 2)``) of the fine grid.
+
+    The fine grid of RELION's adaptive oversampling: psi step ``psi_step / 2^os`` on
+    ``[0, 360)``, and the translation disc of ``offset_range`` with every coarse point split
+    into its ``4^os`` children (:func:`cryodask.geometry.shifts.oversample_translations`).
+    """
+    from cryodask.geometry.shifts import oversample_translations, translation_grid
+
+    n_psi = int(round(360.0 / psi_step)) << int(oversampling)
+    psi = (np.arange(n_psi) + 0.5) * (360.0 / n_psi) - 0.5 * psi_step  # children centred on coarse points
+    psi = np.mod(psi, 360.0)
+    coarse = translation_grid(offset_range, offset_step)
+    trans = oversample_translations(coarse, None, oversampling, offset_step) if oversampling else coarse
+    return psi, trans
+
+
+def coarse_image_size_2d(psi_step: float, particle_diameter: float, pixel_size: float, box: int,
+                         current_size: int) -> int:
+    """RELION's coarse size in 2D: resolution ``(step/360)·π·D/1.5`` → ``2·ceil(apix·N/res)``, at most current_size."""
+    res = (psi_step / 360.0) * math.pi * particle_diameter / 1.5
+    size = 2 * int(math.ceil(pixel_size * box / res)) if res > 0 else current_size
+    return int(min(current_size, max(size, 8)))
+
+
+def _shell_of(kx: np.ndarray, ky: np.ndarray) -> np.ndarray:
+    return np.floor(np.sqrt(kx.astype(np.float64) ** 2 + ky.astype(np.float64) ** 2) + 0.5).astype(np.int64)
+
+
+def _half_pixels(box: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shell of every pixel of the ``(box, box//2+1)`` half transform (flattened), and the pixel count per shell."""
+    from cryodask.ops.filters import fftw_frequencies
+
+    ky = fftw_frequencies(box, np)[:, None]
+    kx = np.arange(box // 2 + 1)[None, :]
+    shell = _shell_of(np.broadcast_to(kx, (box, box // 2 + 1)), np.broadcast_to(ky, (box, box // 2 + 1))).ravel()
+    nsh = box // 2 + 1
+    count = np.bincount(np.minimum(shell, nsh), minlength=nsh + 1)[:nsh].astype(np.float64)
+    return shell, count
+
+
+def _soft_circle(box: int, radius: float, width: float) -> np.ndarray:
+    from cryodask.ops.filters import spherical_mask
+
+    return np.asarray(spherical_mask(box, radius, width=width, ndim=2, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the driver sends to and gets back from a chunk task
+
+
+@dataclass
+class Class2DSetup:
+    """Everything a chunk task needs that is the same for every chunk (small; no images)."""
+
+    iteration: int
+    box: int
+    pixel_size: float
+    pad: float
+    n_classes: int
+    current_size: int
+    references: str  # the _classes.mrcs of the previous iteration
+    sigma2_noise: np.ndarray  # (n_optics, nsh)
+    class_fractions: np.ndarray  # (K,)
+    prior_offsets: np.ndarray  # (K, 2) pixels
+    sigma_offset: float  # Å
+    psi: np.ndarray  # fine in-plane angles, degrees
+    translations: np.ndarray  # fine translations (T, 2) pixels
+    particle_diameter: float  # Å
+    width_mask_edge: int = 5
+    zero_mask: bool = False
+    do_ctf: bool = False
+    random_seed: int = 0
+    generate_seeds: bool = False  # first iteration: one random class per particle
+    adaptive_fraction: float = 0.999
+
+
+@dataclass
+class ChunkInput:
+    """The per-particle inputs of one chunk (small arrays)."""
+
+    chunk: int
+    index: np.ndarray  # (n,) particle indices in the whole set
+    origins_px: np.ndarray  # (n, 2) previous offsets
+    optics: np.ndarray  # (n,) 0-based optics group
+    n_optics: int
+    ctf: dict[str, np.ndarray] | None = None
+    premultiplied: np.ndarray | None = None
+    seed_class: np.ndarray | None = None  # (n,) 0-based, first iteration only
+
+
+@dataclass
+class Class2DSums:
+    """Sums added over chunks (the tree reduction's payload)."""
+
+    bp: list[Any]  # one 2D BackProjector per class
+    sigma2_sum: np.ndarray  # (n_optics, nsh) Σ w |X − A|² per shell, inside the window
+    power_sum: np.ndarray  # (n_optics, nsh) Σ |X|² per shell, whole half transform
+    n_particles: np.ndarray  # (n_optics,)
+    class_weight: np.ndarray  # (K,)
+    offset_sum: np.ndarray  # (K, 2) Σ w (old + t), pixels
+    sigma2_offset: float  # Σ w |old + t − prior|² (Å²)
+    log_likelihood: float
+    pmax_sum: float
+
+    def __iadd__(self, other: "Class2DSums") -> "Class2DSums":
+        for a, b in zip(self.bp, other.bp, strict=True):
+            a += b
+        for name in ("sigma2_sum", "power_sum", "n_particles", "class_weight", "offset_sum", "sigma2_offset",
+                     "log_likelihood", "pmax_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+@dataclass
+class ChunkOutput:
+    """A chunk task's result: its sums and the per-particle results."""
+
+    sums: Class2DSums | None
+    index: np.ndarray
+    class_number: np.ndarray  # 1-based
+    psi: np.ndarray
+    origins_px: np.ndarray
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    log_likelihood: np.ndarray
+
+
+def sum_outputs(*parts: Any) -> Class2DSums:
+    """Add chunk sums together (a tree-reduction step); takes ChunkOutputs or Class2DSums."""
+    sums = [p.sums if isinstance(p, ChunkOutput) else p for p in parts]
+    first = sums[0]
+    total = Class2DSums(bp=[b.copy() for b in first.bp], sigma2_sum=first.sigma2_sum.copy(),
+                        power_sum=first.power_sum.copy(), n_particles=first.n_particles.copy(),
+                        class_weight=first.class_weight.copy(), offset_sum=first.offset_sum.copy(),
+                        sigma2_offset=first.sigma2_offset, log_likelihood=first.log_likelihood,
+                        pmax_sum=first.pmax_sum)
+    for s in sums[1:]:
+        total += s
+    return total
+
+
+def particle_part(out: ChunkOutput) -> ChunkOutput:
+    """The per-particle results without the accumulators (what the driver gathers)."""
+    return ChunkOutput(sums=None, index=out.index, class_number=out.class_number, psi=out.psi,
+                       origins_px=out.origins_px, pmax=out.pmax, n_significant=out.n_significant,
+                       log_likelihood=out.log_likelihood)
+
+
+# ---------------------------------------------------------------------------------------------
+# references: read once per worker process
+
+_REFERENCES: OrderedDict = OrderedDict()
+
+
+def load_references(path: str, *, pad: float, r_max: float) -> Any:
+    """The :class:`~cryodask.ops.project.Projector2D` of a ``_classes.mrcs`` (cached by path, mtime, size, r_max)."""
+    from cryodask.io.mrc import read_stack
+    from cryodask.ops.project import Projector2D
+
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, float(pad), float(r_max))
+    if key not in _REFERENCES:
+        refs = np.array(read_stack(path, mmap=False), dtype=np.float32)
+        _REFERENCES[key] = Projector2D.from_images(refs, pad=pad, r_max=r_max)
+        while len(_REFERENCES) > 4:
+            _REFERENCES.popitem(last=False)
+    _REFERENCES.move_to_end(key)
+    return _REFERENCES[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# image preparation
+
+
+def prepare_images(images: np.ndarray, origins_px: np.ndarray, *, pixel_size: float, particle_diameter: float,
+                   width_mask_edge: int, zero_mask: bool, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(unmasked FT, masked FT) ``(n, B, B//2+1)`` of images recentred by their offsets (RELION's normalisation)."""
+    from cryodask.ops.filters import phase_shift
+
+    box = images.shape[-1]
+    ft = backend.rfftn(np.fft.ifftshift(images.astype(np.float64), axes=(-2, -1)), axes=(-2, -1))
+    ft = phase_shift(ft, origins_px)
+    real = np.fft.fftshift(backend.irfftn(ft, (box, box), axes=(-2, -1)), axes=(-2, -1))
+    radius = particle_diameter / (2.0 * pixel_size)
+    m = _soft_circle(box, radius, float(width_mask_edge))
+    if zero_mask:
+        masked = real * m
+    else:
+        outside = m < 1e-6
+        sd = real[:, outside].std(axis=1) if outside.any() else np.zeros(len(real))
+        noise = rng.standard_normal(real.shape) * sd[:, None, None]
+        masked = real * m + noise * (1.0 - m)
+    mft = backend.rfftn(np.fft.ifftshift(masked, axes=(-2, -1)), axes=(-2, -1))
+    return ft, mft
+
+
+def _ctf_of(inp: ChunkInput, box: int, pixel_size: float, do_ctf: bool) -> np.ndarray:
+    from cryodask.ops.ctf import ctf_2d, ctf_for_scoring
+
+    n = len(inp.index)
+    if not do_ctf or inp.ctf is None:
+        return np.ones((n, box, box // 2 + 1), np.float32)
+    c = ctf_2d(box, pixel_size, **inp.ctf)
+    if inp.premultiplied is not None:
+        c = ctf_for_scoring(c, inp.premultiplied)
+    return np.asarray(c, np.float32)
+
+
+def initial_chunk(images: np.ndarray, inp: ChunkInput, *, pixel_size: float, particle_diameter: float,
+                  width_mask_edge: int, zero_mask: bool, random_seed: int) -> dict[str, Any]:
+    """Sums for the initial noise spectrum and the average image (RELION's
+    ``calculateSumOfPowerSpectraAndAverageImage``): per optics group Σ|X|² per shell and ΣX, and Σ masked image."""
+    from cryodask.em.state import iteration_rng
+
+    box = images.shape[-1]
+    rng = iteration_rng(random_seed, 0, 1000 + inp.chunk)
+    _, mft = prepare_images(images, inp.origins_px, pixel_size=pixel_size, particle_diameter=particle_diameter,
+                            width_mask_edge=width_mask_edge, zero_mask=zero_mask, rng=rng)
+    shell, _ = _half_pixels(box)
+    nsh = box // 2 + 1
+    flat = mft.reshape(len(mft), -1)
+    p2 = (flat.real ** 2 + flat.imag ** 2)
+    power = np.zeros((inp.n_optics, nsh))
+    sum_ft = np.zeros((inp.n_optics, flat.shape[1]), np.complex128)
+    count = np.zeros(inp.n_optics)
+    ok = shell < nsh
+    for g in range(inp.n_optics):
+        sel = inp.optics == g
+        if sel.any():
+            power[g] = np.bincount(shell[ok], weights=p2[sel][:, ok].sum(axis=0), minlength=nsh)[:nsh]
+            sum_ft[g] = flat[sel].sum(axis=0)
+            count[g] = sel.sum()
+    real = np.fft.fftshift(backend.irfftn(mft, (box, box), axes=(-2, -1)), axes=(-2, -1))
+    return {"power": power, "sum_ft": sum_ft, "count": count, "sum_image": real.sum(axis=0)}
+
+
+def _add_dicts(*parts: dict[str, Any]) -> dict[str, Any]:
+    return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunk task
+
+
+def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
+    """E-step and M-step sums of one chunk against all classes (see the module docstring)."""
+    from cryodask.em.estep import (inv_sigma2_from_sigma2, log_sigma2_term, mstep_sums, phase_ramps,
+                                   posterior_weights, precompute_shifted, score_terms, scoring_terms)
+    from cryodask.em.state import iteration_rng
+    from cryodask.ops.backproject import BackProjector
+    from cryodask.ops.project import slice_pixels
+
+    box, apix, K = setup.box, setup.pixel_size, setup.n_classes
+    n = len(inp.index)
+    nsh = box // 2 + 1
+    r_max = setup.current_size / 2.0
+    rng = iteration_rng(setup.random_seed, setup.iteration, 1000 + inp.chunk)
+    ft, mft = prepare_images(np.asarray(images), inp.origins_px, pixel_size=apix,
+                             particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
+                             zero_mask=setup.zero_mask, rng=rng)
+    shell_all, _ = _half_pixels(box)
+    flat, kx, ky = slice_pixels(box, r_max)
+    shell = _shell_of(kx, ky)
+    Xu = ft.reshape(n, -1)[:, flat].astype(np.complex64)
+    Xm = mft.reshape(n, -1)[:, flat].astype(np.complex64)
+    ctf = _ctf_of(inp, box, apix, setup.do_ctf).reshape(n, -1)[:, flat]
+    s2 = np.asarray(setup.sigma2_noise, np.float64)[inp.optics][:, np.minimum(shell, nsh - 1)]
+    isg_m = inv_sigma2_from_sigma2(s2).astype(np.float32)  # M-step: 1/σ² at the origin too (RELION)
+    isg = isg_m.copy()
+    isg[:, shell == 0] = 0.0
+
+    psi = np.asarray(setup.psi, np.float64)
+    T = np.asarray(setup.translations, np.float64)
+    R, n_t = len(psi), len(T)
+    freqs = np.stack([kx, ky], axis=1)
+    ramps = phase_ramps(freqs, -T, box)  # translation t: the image moved by +t (new origin = old + t)
+    Xm_s = precompute_shifted(Xm, ramps)
+    terms = scoring_terms(Xm_s, ctf=ctf, inv_sigma2=isg, n_trans=n_t)
+    proj = load_references(setup.references, pad=setup.pad, r_max=r_max)
+    P = proj.sample(psi, kx, ky)  # (K, R, npix)
+
+    old = np.asarray(inp.origins_px, np.float64)
+    prior = np.asarray(setup.prior_offsets, np.float64)
+    # |old + t − prior_k|² in Å², (n, K, T)
+    d = old[:, None, None, :] + T[None, None, :, :] - prior[None, :, None, :]
+    d2 = (d * d).sum(axis=-1) * apix * apix
+    s2off = float(setup.sigma_offset) ** 2
+    lpt = -d2 / (2.0 * s2off) if s2off >= 1e-4 else np.where(d2 > 0, -np.inf, 0.0)
+    logsigma2 = log_sigma2_term(isg)
+
+    if setup.generate_seeds:
+        # first iteration: every reference is the average; one random class per particle (RELION's seeds)
+        n_score = 1
+        diff2 = score_terms(terms, P[0], include_constant=False)
+        post = posterior_weights(diff2, log_prior_trans=lpt[:, 0, :], adaptive_fraction=setup.adaptive_fraction,
+                                 diff2_offset=terms.constant, logsigma2=logsigma2)
+        seed = np.asarray(inp.seed_class, np.int64)
+        best_class = seed
+    else:
+        n_score = K
+        diff2 = np.empty((n, K * R, n_t), np.float32)
+        for k in range(K):
+            score_terms(terms, P[k], include_constant=False, out=diff2[:, k * R:(k + 1) * R, :])
+        frac = np.asarray(setup.class_fractions, np.float64)
+        with np.errstate(divide="ignore"):
+            lpo = np.repeat(np.log(np.maximum(frac, 0.0)), R)
+        post = posterior_weights(diff2, log_prior_orient=lpo, log_prior_trans=lpt, orient_class=np.repeat(
+            np.arange(K), R), adaptive_fraction=setup.adaptive_fraction, diff2_offset=terms.constant,
+            logsigma2=logsigma2)
+        best_class = post.best_orientation // R
+    del diff2
+    if bool(np.any(post.failed)):
+        bad = inp.index[np.flatnonzero(post.failed)[0]] + 1
+        raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
+                                           "pixel size, --particle_diameter and the CTF parameters")
+
+    Xu_s = precompute_shifted(Xu, ramps)
+    half_shape = (box, box // 2 + 1)
+    bps, sigma2_sum = [], np.zeros((inp.n_optics, nsh))
+    class_weight, offset_sum, sig_off = np.zeros(K), np.zeros((K, 2)), 0.0
+    for k in range(K):
+        bp = BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2)
+        bps.append(bp)
+        if setup.generate_seeds:
+            sel = (seed == k).astype(np.float32)[:, None, None]
+            w = post.weights * sel
+            sig = post.significant & (sel > 0)
+            Pk = P[0]
+        else:
+            w = post.weights[:, k * R:(k + 1) * R, :]
+            sig = post.significant[:, k * R:(k + 1) * R, :]
+            Pk = P[k]
+        if not bool((w * sig).any()):
+            continue
+        sums = mstep_sums(w, Xu_s, Pk, ctf=ctf, inv_sigma2=isg_m, n_trans=n_t, X_shifted_masked=Xm_s,
+                          significant=sig, group=inp.optics, n_groups=inp.n_optics, offset_diff2=d2[:, k, :])
+        m = len(sums.orientations)
+        slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
+        weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
+        slices[:, flat] = sums.data
+        weights[:, flat] = sums.weight
+        bp.insert(slices.reshape((m,) + half_shape), psi[np.asarray(sums.orientations)],
+                  weights=weights.reshape((m,) + half_shape))
+        for g in range(inp.n_optics):
+            sigma2_sum[g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
+                                         minlength=nsh)[:nsh]
+        class_weight[k] = sums.class_weight
+        tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
+        offset_sum[k] = tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
+        sig_off += sums.sigma2_offset
+    del Xu_s, Xm_s, terms
+
+    p2 = mft.reshape(n, -1)
+    p2 = p2.real ** 2 + p2.imag ** 2
+    power_sum = np.zeros((inp.n_optics, nsh))
+    n_particles = np.zeros(inp.n_optics)
+    ok = shell_all < nsh
+    for g in range(inp.n_optics):
+        sel = inp.optics == g
+        n_particles[g] = sel.sum()
+        if sel.any():
+            power_sum[g] = np.bincount(shell_all[ok], weights=p2[sel][:, ok].sum(axis=0), minlength=nsh)[:nsh]
+
+    r_best = post.best_orientation % R
+    t_best = T[post.best_translation]
+    ll = np.asarray(post.log_likelihood, np.float64)
+    sums = Class2DSums(bp=bps, sigma2_sum=sigma2_sum, power_sum=power_sum, n_particles=n_particles,
+                       class_weight=class_weight, offset_sum=offset_sum, sigma2_offset=float(sig_off),
+                       log_likelihood=float(ll.sum()), pmax_sum=float(np.sum(post.pmax)))
+    del n_score
+    return ChunkOutput(sums=sums, index=np.asarray(inp.index), class_number=np.asarray(best_class) + 1,
+                       psi=psi[r_best], origins_px=old + t_best, pmax=np.asarray(post.pmax, np.float64),
+                       n_significant=np.asarray(post.n_significant, np.int64), log_likelihood=ll)
+
+
+def reconstruct_class(total: Class2DSums, k: int, tau2: np.ndarray, tau2_fudge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Class ``k``'s new reference ``(B, B)`` and its SSNR per shell (RELION's ``data_vs_prior``)."""
+    from cryodask.em.mstep import data_vs_prior, reconstruct
+
+    bp = total.bp[k].symmetrised()
+    image = np.asarray(reconstruct(bp, tau2=tau2, tau2_fudge=tau2_fudge), np.float32)
+    dvp = np.asarray(data_vs_prior(bp, tau2, tau2_fudge=tau2_fudge).data_vs_prior, np.float64)
+    return image, dvp
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclass
+class Class2DResult:
+    """What :func:`class2d` returns (besides the files it writes)."""
+
+    classes: np.ndarray  # (K, B, B) the final class averages
+    class_fractions: np.ndarray
+    resolution: np.ndarray  # Å per class (estimated)
+    data: pd.DataFrame  # particles with rlnClassNumber, rlnAnglePsi, origins…
+    pixel_size: float
+    iterations: int
+    output_root: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _column(parts: pd.DataFrame, label: str, default: float) -> np.ndarray:
+    if label in parts.columns:
+        v = pd.to_numeric(parts[label], errors="coerce").to_numpy(np.float64)
+        return np.where(np.isfinite(v), v, default)
+    return np.full(len(parts), default)
+
+
+def _check_options(K: int, iter: int, psi_step: float, offset_range: float, offset_step: float, oversampling: int,
+                   tau2_fudge: float, particle_diameter: float, pad: float, pool: int | None, j: int,
+                   n_workers: int | None) -> None:
+    checks = [
+        (K >= 1, "--K", f"{K} classes: give at least 1 (e.g. --K 50)"),
+        (iter >= 1, "--iter", f"{iter} iterations: give at least 1 (RELION's GUI uses 25)"),
+        (psi_step == -1 or 0 < psi_step <= 360, "--psi_step",
+         f"{psi_step} is not an angle step in (0, 360]; give e.g. 10 (or -1 for RELION's 2D default of 10)"),
+        (offset_range >= 0, "--offset_range", f"{offset_range} must be zero or positive (pixels)"),
+        (offset_step > 0, "--offset_step", f"{offset_step} must be positive (pixels)"),
+        (0 <= oversampling <= 3, "--oversampling", f"{oversampling}: give 0, 1, 2 or 3"),
+        (tau2_fudge > 0, "--tau2_fudge", f"{tau2_fudge} must be positive (RELION's GUI uses 2 for Class2D)"),
+        (pad in (1, 2), "--pad", f"{pad}: give 1 or 2"),
+        (pool is None or pool >= 1, "--pool", f"{pool}: give a positive number of particles per task"),
+        (j >= 1, "--j", f"{j}: give a positive number of threads"),
+        (n_workers is None or n_workers >= 1, "--workers", f"{n_workers}: give a positive number of workers"),
+        (particle_diameter == -1 or particle_diameter > 0, "--particle_diameter",
+         f"{particle_diameter} must be positive (Å), or -1 for the box"),
+    ]
+    for ok, where_, what in checks:
+        if not ok:
+            raise UserError(where_, what)
+
+
+def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: float = -1.0,
+            offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
+            particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
+            pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
+            pool: int | None = None, j: int = 1, client: Any = None, n_workers: int | None = None,
+            command_line: str = "", log: Any = print) -> Class2DResult:
+    """2D classification; RELION's option names as keyword arguments.
+
+    Parameters
+    ----------
+    particles
+        A STAR file or a particle store (path), or particles opened with
+        :func:`cryodask.io.store.open_particles`.
+    o
+        Output rootname (``Class2D/run`` writes ``Class2D/run_it001_classes.mrcs``…).
+    K
+        Number of classes.
+    iter
+        Number of iterations (RELION's GUI: 25).
+    psi_step
+        In-plane angular step in degrees; -1 is RELION's 2D default, 10°.
+    offset_range, offset_step
+        Translational search disc radius and step in pixels (RELION: 6 and 2).
+    oversampling
+        Fine grid = psi step / 2^os and offset step / 2^os (scored in one pass, see the module docstring).
+    tau2_fudge
+        Regularisation parameter T (RELION's GUI for Class2D: 2).
+    particle_diameter
+        Mask diameter in Å; -1: the box minus the soft edge.
+    zero_mask
+        Zeros outside the mask (else noise).
+    ctf
+        CTF-correct.
+    random_seed
+        Same seed, same result.
+    pool
+        Particles per chunk task when ``particles`` is a STAR file (default: the store's chunking).
+    j
+        Threads per worker of the local cluster.
+    client
+        A ``distributed.Client``; default: a local cluster of ``n_workers`` workers for the duration of the call.
+    command_line
+        Stored as the first line of each ``_optimiser.star``.
+
+    Returns
+    -------
+    Class2DResult
+    """
+    _check_options(K, iter, psi_step, offset_range, offset_step, oversampling, tau2_fudge, particle_diameter, pad,
+                   pool, j, n_workers)
+    from cryodask.io.store import open_particles
+
+    if isinstance(particles, (str, os.PathLike)):
+        parts_obj = open_particles(particles, chunk=pool) if pool else open_particles(particles)
+    else:
+        parts_obj = particles
+    Path(str(o)).parent.mkdir(parents=True, exist_ok=True)
+    opts = dict(o=str(o), K=int(K), iter=int(iter), psi_step=10.0 if psi_step == -1 else float(psi_step),
+                offset_range=float(offset_range), offset_step=float(offset_step), oversampling=int(oversampling),
+                tau2_fudge=float(tau2_fudge), particle_diameter=float(particle_diameter), zero_mask=bool(zero_mask),
+                ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
+                adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
+                command_line=command_line, pool=pool)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            from cryodask.cluster.local import local_client
+
+            client = stack.enter_context(local_client(n_workers, threads=j))
+        return _Run(client, parts_obj, opts, log or (lambda *a, **k: None)).run()
+
+
+class _Run:
+    """The driver's state of one classification."""
+
+    def __init__(self, client: Any, particles: Any, opts: dict[str, Any], log: Any) -> None:
+        from cryodask.em.model import Model
+        from cryodask.em.state import OptimiserState
+
+        self.client, self.particles, self.o, self.log = client, particles, opts, log
+        self.box = int(particles.box)
+        self.apix = float(particles.pixel_size)
+        table = particles.table
+        self.optics = table.optics.reset_index(drop=True)
+        self.parts = table.particles.copy().reset_index(drop=True)
+        groups = self.optics["rlnOpticsGroup"].to_numpy()
+        lookup = {int(g): i for i, g in enumerate(groups)}
+        self.optics_index = np.array([lookup.get(int(g), 0) for g in self.parts["rlnOpticsGroup"]], np.int64)
+        self.n_opt = len(groups)
+        self.n = len(self.parts)
+        self.K = opts["K"]
+        if opts["particle_diameter"] <= 0:
+            opts["particle_diameter"] = (self.box - 2 * opts["width_mask_edge"]) * self.apix
+        if self.K > self.n:
+            raise UserError("--K", f"{self.K} classes for {self.n} particles: give fewer classes than particles")
+        names = [str(s) for s in self.optics.get("rlnOpticsGroupName", [f"opticsGroup{g}" for g in groups])]
+        self.model = Model(ori_size=self.box, pixel_size=self.apix, n_classes=self.K, n_optics_groups=self.n_opt,
+                           pad=opts["pad"], tau2_fudge=opts["tau2_fudge"], optics_group_names=names,
+                           current_size=self.box, sigma_offset=10.0)
+        st = OptimiserState(output_root=opts["o"], n_iterations=opts["iter"], random_seed=opts["random_seed"],
+                            do_split_random_halves=False, adaptive_oversampling=opts["oversampling"],
+                            adaptive_fraction=opts["adaptive_fraction"], particle_diameter=opts["particle_diameter"],
+                            width_mask_edge=opts["width_mask_edge"], do_zero_mask=opts["zero_mask"],
+                            incr_size=opts["incr_size"], do_auto_refine=False, do_ctf_correction=opts["ctf"],
+                            max_pooled=int(opts["pool"] or getattr(particles, "chunk", 1) or 1),
+                            psi_step=opts["psi_step"], psi_step_original=opts["psi_step"],
+                            offset_range=opts["offset_range"], offset_step=opts["offset_step"],
+                            offset_range_original=opts["offset_range"], offset_step_original=opts["offset_step"],
+                            healpix_order=0, healpix_order_original=0, perturbation_factor=0.0)
+        self.state = st
+        self.prior_offsets = np.zeros((self.K, 2))
+        self.tau2 = np.zeros((self.K, self.box // 2 + 1))
+        self.history: list[dict[str, Any]] = []
+        # RELION's columns this job sets
+        for c in ("rlnOriginXAngst", "rlnOriginYAngst"):
+            if c not in self.parts.columns:
+                self.parts[c] = 0.0
+        self.parts["rlnAngleRot"] = 0.0
+        self.parts["rlnAngleTilt"] = 0.0
+
+    # -- per-chunk inputs --------------------------------------------------------------------
+    def chunk_input(self, i: int, sl: slice, seed_class: np.ndarray | None = None) -> ChunkInput:
+        from cryodask.ops.ctf import ctf_params, ctf_premultiplied
+
+        p = self.parts.iloc[sl]
+        ctf = pre = None
+        if self.o["ctf"]:
+            sub = type(self.particles.table)(optics=self.optics, particles=p)
+            src = str(getattr(self.particles, "path", "particles"))
+            ctf = ctf_params(sub, source=src)
+            pre = ctf_premultiplied(sub, source=src)
+        origins = np.stack([_column(p, "rlnOriginXAngst", 0.0), _column(p, "rlnOriginYAngst", 0.0)], 1) / self.apix
+        return ChunkInput(chunk=i, index=np.arange(sl.start, sl.stop), origins_px=origins,
+                          optics=self.optics_index[sl], n_optics=self.n_opt, ctf=ctf, premultiplied=pre,
+                          seed_class=None if seed_class is None else seed_class[sl])
+
+    def _chunks(self) -> list[Any]:
+        from cryodask.cluster.scratch import chunk_futures
+
+        return chunk_futures(self.client, self.particles)
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> Class2DResult:
+        from cryodask.em.state import iteration_rng
+
+        t0 = time.perf_counter()
+        refs = self._initialise()
+        self.log(f"class2d: {self.n} particles, box {self.box}, {self.apix:g} Å/px, K={self.K}; "
+                 f"initialised in {time.perf_counter() - t0:.1f} s")
+        seeds = iteration_rng(self.o["random_seed"], 1, 7).integers(0, self.K, self.n)
+        images = None
+        for it in range(1, self.o["iter"] + 1):
+            t1 = time.perf_counter()
+            images = self._chunks()
+            refs = self._iteration(it, images, refs, seeds if it == 1 else None)
+            h = self.history[-1]
+            self.log(f"class2d: iteration {it}/{self.o['iter']}: resolution {h['resolution']:.1f} Å, "
+                     f"image size {h['current_size']}, <Pmax> {h['ave_pmax']:.3f}, "
+                     f"{time.perf_counter() - t1:.1f} s")
+        from cryodask.io.mrc import read_stack
+
+        classes = np.array(read_stack(refs, mmap=False))
+        return Class2DResult(classes=classes, class_fractions=self.model.class_fractions.copy(),
+                             resolution=self.model.estimated_resolution.copy(), data=self.parts.copy(),
+                             pixel_size=self.apix, iterations=self.o["iter"], output_root=self.o["o"],
+                             history=self.history)
+
+    def _initialise(self) -> str:
+        """Initial σ² and references (the average image); writes the it000 files. Returns the references' path."""
+        from cryodask.em.known_poses import tree_reduce
+        from cryodask.em.state import output_name
+        from cryodask.io.mrc import write_stack
+
+        c = self.client
+        outs = []
+        for i, (fut, sl) in enumerate(zip(self._chunks(), self.particles.chunk_slices(), strict=True)):
+            outs.append(c.submit(initial_chunk, fut, self.chunk_input(i, sl), pixel_size=self.apix,
+                                 particle_diameter=self.o["particle_diameter"],
+                                 width_mask_edge=self.o["width_mask_edge"], zero_mask=self.o["zero_mask"],
+                                 random_seed=self.o["random_seed"], pure=False, key=f"class2d-init-{i}-{fut.key}"))
+        tot = tree_reduce(c, outs, _add_dicts, key=f"class2d-init-sum-{outs[0].key}").result()
+        _, npix = _half_pixels(self.box)
+        shell, _ = _half_pixels(self.box)
+        nsh = self.box // 2 + 1
+        sigma2 = np.zeros((self.n_opt, nsh))
+        for g in range(self.n_opt):
+            cnt = max(tot["count"][g], 1.0)
+            mean_ft = tot["sum_ft"][g] / cnt
+            mp = np.bincount(np.minimum(shell, nsh), weights=np.abs(mean_ft) ** 2, minlength=nsh + 1)[:nsh]
+            sigma2[g] = (tot["power"][g] / cnt - mp) / (2.0 * np.maximum(npix, 1))
+        self.model.sigma2_noise = np.maximum(sigma2, 0.0)
+        avg = tot["sum_image"] / max(self.n, 1)
+        refs = np.repeat(avg[None].astype(np.float32), self.K, axis=0)
+        path = output_name(self.o["o"], 0, "classes.mrcs")
+        write_stack(path, refs, self.apix)
+        self._set_tau2(refs)
+        self.parts["rlnClassNumber"] = 1
+        self.parts["rlnAnglePsi"] = 0.0
+        self._write(0, str(path))
+        return str(path)
+
+    def _set_tau2(self, refs: np.ndarray) -> None:
+        from cryodask.ops.project import Projector2D
+
+        proj = Projector2D.from_images(np.asarray(refs, np.float32), pad=self.o["pad"])
+        self.tau2 = np.asarray(proj.power_spectrum, np.float64)
+
+    def _iteration(self, it: int, images: list[Any], refs: str, seeds: np.ndarray | None) -> str:
+        from cryodask.em.known_poses import tree_reduce
+        from cryodask.em.state import output_name
+        from cryodask.io.mrc import write_stack
+
+        c, m, o = self.client, self.model, self.o
+        psi, trans = fine_sampling(o["psi_step"], o["offset_range"], o["offset_step"], o["oversampling"])
+        setup = Class2DSetup(iteration=it, box=self.box, pixel_size=self.apix, pad=o["pad"], n_classes=self.K,
+                             current_size=int(m.current_size), references=str(Path(refs).resolve()),
+                             sigma2_noise=m.sigma2_noise.copy(), class_fractions=m.class_fractions.copy(),
+                             prior_offsets=self.prior_offsets.copy(), sigma_offset=float(m.sigma_offset), psi=psi,
+                             translations=trans, particle_diameter=o["particle_diameter"],
+                             width_mask_edge=o["width_mask_edge"], zero_mask=o["zero_mask"], do_ctf=o["ctf"],
+                             random_seed=o["random_seed"], generate_seeds=seeds is not None,
+                             adaptive_fraction=o["adaptive_fraction"])
+        outs = []
+        for i, (fut, sl) in enumerate(zip(images, self.particles.chunk_slices(), strict=True)):
+            outs.append(c.submit(expectation_chunk, fut, self.chunk_input(i, sl, seeds), setup, pure=False,
+                                 key=f"class2d-estep-{it}-{i}-{fut.key}"))
+            # the references travel as a file: nothing big is embedded in the graph
+        per_particle = [c.submit(particle_part, f, pure=False) for f in outs]
+        total = tree_reduce(c, outs, sum_outputs, key=f"class2d-sum-{it}-{outs[0].key}")
+        if len(outs) == 1:  # a one-chunk tree is the chunk itself
+            total = c.submit(sum_outputs, total, pure=False, key=f"class2d-sum-{it}-{outs[0].key}")
+        T = float(o["tau2_fudge"])
+        recs = [c.submit(reconstruct_class, total, k, self.tau2[k], T, pure=False, key=f"class2d-rec-{it}-{k}-"
+                         f"{outs[0].key}") for k in range(self.K)]
+        results = c.gather(per_particle)
+        sums = total.result()
+        rec = c.gather(recs)
+
+        # -- per-particle results
+        idx = np.concatenate([r.index for r in results])
+        old_class = self.parts["rlnClassNumber"].to_numpy().copy()
+        self.parts.loc[idx, "rlnClassNumber"] = np.concatenate([r.class_number for r in results]).astype(np.int64)
+        self.parts.loc[idx, "rlnAnglePsi"] = np.concatenate([r.psi for r in results])
+        org = np.concatenate([r.origins_px for r in results]) * self.apix
+        self.parts.loc[idx, "rlnOriginXAngst"] = org[:, 0]
+        self.parts.loc[idx, "rlnOriginYAngst"] = org[:, 1]
+        self.parts.loc[idx, "rlnMaxValueProbDistribution"] = np.concatenate([r.pmax for r in results])
+        self.parts.loc[idx, "rlnNrOfSignificantSamples"] = np.concatenate([r.n_significant for r in results])
+        self.parts.loc[idx, "rlnLogLikeliContribution"] = np.concatenate([r.log_likelihood for r in results])
+        self.parts["rlnClassNumber"] = self.parts["rlnClassNumber"].astype(np.int64)
+        self.parts["rlnNrOfSignificantSamples"] = self.parts["rlnNrOfSignificantSamples"].astype(np.int64)
+
+        # -- model update (RELION's maximizationOtherParameters for 2D)
+        n = float(self.n)
+        cw = sums.class_weight
+        m.class_fractions = cw / max(cw.sum(), 1e-30)
+        for k in range(self.K):
+            if cw[k] > 0:
+                self.prior_offsets[k] = sums.offset_sum[k] / cw[k]
+        sigma2_offset = max(sums.sigma2_offset / (2.0 * n), 2.0)  # 2D: /(2N); RELION's floor 2 Å²
+        m.sigma_offset = float(math.sqrt(sigma2_offset))
+        _, npix = _half_pixels(self.box)
+        nsh = self.box // 2 + 1
+        flat_shells = np.arange(nsh)
+        inside = flat_shells <= int(m.current_size) // 2
+        for g in range(self.n_opt):
+            ng = max(sums.n_particles[g], 1.0)
+            new = np.where(inside, sums.sigma2_sum[g], sums.power_sum[g]) / (2.0 * ng * np.maximum(npix, 1))
+            m.sigma2_noise[g] = np.where(npix > 0, new, m.sigma2_noise[g])
+        m.tau2 = self.tau2.copy()
+        images_new = np.stack([r[0] for r in rec]).astype(np.float32)
+        m.data_vs_prior = np.stack([r[1] for r in rec])
+        res_shell = np.array([_last_shell_ssnr(d) for d in m.data_vs_prior])
+        res_shell = np.maximum(res_shell, 1)
+        m.estimated_resolution = self.box * self.apix / res_shell
+        best = int(res_shell[cw > 0].max()) if (cw > 0).any() else 1
+        m.current_resolution = float(self.box * self.apix / best)
+        m.log_likelihood = float(sums.log_likelihood)
+        m.ave_pmax = float(sums.pmax_sum / n)
+        m.group_nr_particles = np.bincount(self.optics_index, minlength=m.n_groups)[:m.n_groups]
+        st = self.state
+        st.iteration = it
+        st.current_changes_optimal_classes = float(np.mean(old_class != self.parts["rlnClassNumber"].to_numpy()))
+        self.history.append({"iteration": it, "resolution": m.current_resolution, "current_size": m.current_size,
+                             "ave_pmax": m.ave_pmax, "class_fractions": m.class_fractions.copy(),
+                             "changes_classes": st.current_changes_optimal_classes})
+        # next iteration's image size: 2·(resolution shell + incr_size), at most the box
+        m.current_size = int(min(self.box, 2 * (best + self.o["incr_size"])))
+        st.coarse_size = coarse_image_size_2d(self.o["psi_step"], self.o["particle_diameter"], self.apix, self.box,
+                                              m.current_size)
+
+        path = output_name(self.o["o"], it, "classes.mrcs")
+        write_stack(path, images_new, self.apix)
+        self._set_tau2(images_new)
+        self._write(it, str(path))
+        return str(path)
+
+    # -- files ---------------------------------------------------------------------------------
+    def _write(self, it: int, classes_path: str) -> None:
+        from cryodask.em.state import output_name, write_optimiser
+        from cryodask.io.star import ParticleTable, write_particles
+
+        root = self.o["o"]
+        self.model.references = [f"{k + 1:06d}@{classes_path}" for k in range(self.K)]
+        data = output_name(root, it, "data.star")
+        write_particles(data, ParticleTable(optics=self.optics, particles=self.parts))
+        model = output_name(root, it, "model.star")
+        write_model_2d(model, self.model, self.prior_offsets * self.apix)
+        sampling = output_name(root, it, "sampling.star")
+        write_sampling_2d(sampling, self.state)
+        write_optimiser(output_name(root, it, "optimiser.star"), self.state, command_line=self.o["command_line"],
+                        model_files=str(model), data_file=str(data), sampling_file=str(sampling))
+
+
+def _last_shell_ssnr(dvp: np.ndarray) -> int:
+    """RELION's resolution shell: the last shell (from 1) before the SSNR first drops below 1."""
+    below = np.flatnonzero(np.asarray(dvp)[1:] < 1.0)
+    return int(below[0]) if len(below) else len(dvp) - 1
+
+
+def write_model_2d(path: str | os.PathLike[str], model: Any, prior_offsets_angst: np.ndarray) -> None:
+    """``_model.star`` of a 2D run: :func:`cryodask.em.model.write_model`'s blocks with RELION's 2D values
+    (``rlnReferenceDimensionality 2``; ``rlnClassPriorOffsetX/Y`` per class, in Å)."""
+    from cryodask.em.model import write_model
+    from cryodask.io.atomic import atomic_path
+    from cryodask.io.star import read_star, write_star
+
+    with atomic_path(path) as tmp:
+        write_model(tmp, model)
+        blocks = read_star(tmp)
+        general = blocks["model_general"]
+        if not isinstance(general, dict):
+            general = dict(general.attrs.get("pairs", {}))
+        general["rlnReferenceDimensionality"] = 2
+        blocks["model_general"] = general
+        classes = blocks["model_classes"].copy()
+        classes["rlnClassPriorOffsetX"] = np.asarray(prior_offsets_angst, np.float64)[:, 0]
+        classes["rlnClassPriorOffsetY"] = np.asarray(prior_offsets_angst, np.float64)[:, 1]
+        blocks["model_classes"] = classes
+        write_star(tmp, blocks)
+
+
+def write_sampling_2d(path: str | os.PathLike[str], state: Any) -> None:
+    """``_sampling.star`` of a 2D run (:func:`cryodask.em.state.write_sampling` with ``rlnIs3DSampling 0``)."""
+    from cryodask.em.state import write_sampling
+    from cryodask.io.atomic import atomic_path
+    from cryodask.io.star import read_star, write_star
+
+    with atomic_path(path) as tmp:
+        write_sampling(tmp, state)
+        blocks = read_star(tmp)
+        pairs = blocks["sampling_general"]
+        if not isinstance(pairs, dict):
+            pairs = dict(pairs.attrs.get("pairs", {}))
+        pairs["rlnIs3DSampling"] = 0
+        write_star(tmp, {"sampling_general": pairs})

@@ -1,0 +1,188 @@
+"""class2d: a mixture of views is sorted into classes whose averages match the views (issue 4 §4)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+
+from cryodask.em.class2d import fine_sampling
+
+BOX, APIX = 32, 4.0
+VIEWS = ((0.0, 0.0), (0.0, 90.0), (90.0, 90.0), (45.0, 45.0), (135.0, 60.0))  # (rot, tilt)
+
+
+def _simulate(out, n=300, snr=0.8, seed=0):
+    """Particles of a phantom seen from a few fixed directions: random psi, small shifts, CTF, noise."""
+    from cryodask.io.mrc import write_stack
+    from cryodask.io.star import ParticleTable, write_particles
+    from cryodask.ops.ctf import ctf_2d
+    from cryodask.ops.project import project_images
+    from cryodask.simulate import phantom
+
+    rng = np.random.default_rng(seed)
+    vol = phantom(BOX, seed=seed)
+    view = np.arange(n) % len(VIEWS)
+    rng.shuffle(view)
+    rot = np.array([VIEWS[v][0] for v in view])
+    tilt = np.array([VIEWS[v][1] for v in view])
+    psi = rng.uniform(0, 360, n)
+    shifts = np.clip(rng.normal(0, 1.0, (n, 2)), -2, 2)
+    du = rng.uniform(8000, 20000, n)
+    dv = du - rng.uniform(0, 300, n)
+    dang = rng.uniform(0, 180, n)
+    ctf = ctf_2d(BOX, APIX, defocus_u=du, defocus_v=dv, defocus_angle=dang, voltage=300.0, cs=2.7,
+                 amplitude_contrast=0.1)
+    img = project_images(vol, rot, tilt, psi, origins=shifts, ctf=ctf)
+    img = img + rng.normal(0, np.sqrt(img.var(axis=(1, 2)).mean() / snr), img.shape).astype(np.float32)
+    truth = project_images(vol, [v[0] for v in VIEWS], [v[1] for v in VIEWS], [0.0] * len(VIEWS))
+    out.mkdir(parents=True, exist_ok=True)
+    write_stack(out / "p.mrcs", img, APIX)
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
+                           "rlnImagePixelSize": [APIX], "rlnImageSize": [BOX], "rlnImageDimensionality": [2]})
+    parts = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)], "rlnDefocusU": du,
+                          "rlnDefocusV": dv, "rlnDefocusAngle": dang, "rlnOpticsGroup": 1})
+    write_particles(out / "p.star", ParticleTable(optics=optics, particles=parts))
+    return view, truth, img
+
+
+def high_pass(a: np.ndarray, shells: int = 3) -> np.ndarray:
+    """``a`` without its lowest Fourier shells (the round envelope every view of a compact particle shares)."""
+    f = np.fft.fft2(a)
+    k = np.fft.fftfreq(a.shape[0]) * a.shape[0]
+    f[np.hypot(k[:, None], k[None, :]) < shells] = 0
+    return np.real(np.fft.ifft2(f))
+
+
+def best_correlation(a: np.ndarray, b: np.ndarray, max_shift: int = 3) -> float:
+    """Largest normalised correlation of ``b`` with ``a`` rotated in-plane (3° steps) and shifted (≤ max_shift px),
+    inside a circle, both high-passed (:func:`high_pass`): views of the phantom then correlate at ≤ 0.55."""
+    a, b = high_pass(a), high_pass(b)
+    box = a.shape[0]
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    m = (xx ** 2 + yy ** 2) <= (box // 2 - 2) ** 2
+    bb = np.where(m, b - b[m].mean(), 0)
+    B = np.conj(np.fft.fft2(bb))
+    c0, best = box // 2, -1.0
+    for ang in np.arange(0, 360, 3):
+        r = ndimage.rotate(a, ang, reshape=False, order=1)
+        r = np.where(m, r - r[m].mean(), 0)
+        cc = np.fft.fftshift(np.real(np.fft.ifft2(np.fft.fft2(r) * B)))
+        peak = cc[c0 - max_shift:c0 + max_shift + 1, c0 - max_shift:c0 + max_shift + 1].max()
+        best = max(best, peak / (np.linalg.norm(r) * np.linalg.norm(bb) + 1e-30))
+    return float(best)
+
+
+def view_matches(classes: np.ndarray, class_number: np.ndarray, view: np.ndarray, truth: np.ndarray):
+    """Per view: (purity, class its particles mostly went to, correlation with its own view, best with another)."""
+    out = []
+    for v in range(len(truth)):
+        counts = np.bincount(class_number[view == v], minlength=len(classes) + 1)
+        c = int(np.argmax(counts))
+        corr = [best_correlation(classes[c - 1], t) for t in truth]
+        out.append((counts[c] / counts.sum(), c, corr[v], max(corr[u] for u in range(len(truth)) if u != v)))
+    return out
+
+
+def class_purity(class_number: np.ndarray, view: np.ndarray) -> float:
+    """Smallest share of a class's particles that come from its most common view (classes with ≥ 5% of the particles)."""
+    out = 1.0
+    for c in np.unique(class_number):
+        sel = class_number == c
+        if sel.mean() >= 0.05:
+            out = min(out, np.bincount(view[sel]).max() / sel.sum())
+    return float(out)
+
+
+def test_fine_sampling_grid():
+    psi, t = fine_sampling(10, 6, 2, 0)
+    assert len(psi) == 36 and np.allclose(np.diff(psi), 10) and len(t) == 29
+    psi1, t1 = fine_sampling(10, 6, 2, 1)
+    assert len(psi1) == 72 and np.allclose(np.sort(psi1)[:2], [2.5, 7.5]) and len(t1) == 4 * 29
+    assert np.allclose(np.diff(np.unique(t1[:, 0])), 1.0)  # children at half the step
+
+
+@pytest.mark.slow
+def test_class2d_sorts_views(tmp_path, monkeypatch):
+    """K=10 on 300 particles from 5 views (SNR 0.8, CTF, random psi, shifts): every class is pure (≥ 0.9 of its
+    particles from one view), every view goes mostly to one class, and that class's average matches the view
+    (high-passed correlation ≥ 0.75, ≥ 0.15 above its correlation with any other view)."""
+    from cryodask.em.class2d import class2d
+    from cryodask.io.star import read_particles, read_star
+
+    view, truth, img = _simulate(tmp_path / "data")
+    monkeypatch.chdir(tmp_path / "data")
+    res = class2d("p.star", tmp_path / "out" / "run", K=10, iter=15, ctf=True, psi_step=10, offset_range=3,
+                  offset_step=1, oversampling=0, particle_diameter=110, zero_mask=True, pool=100, n_workers=2,
+                  random_seed=1, log=None)
+    cls = res.data["rlnClassNumber"].to_numpy()
+    assert class_purity(cls, view) >= 0.9
+    matches = view_matches(res.classes, cls, view, truth)
+    for v, (share, c, own, other) in enumerate(matches):
+        assert share >= 0.75, (v, matches)
+        assert own >= 0.75 and own > other + 0.15, (v, matches)
+    assert len({c for _, c, _, _ in matches}) == len(VIEWS)  # every view has its own class
+
+    # the same checks fail on averages of random subsets (what the classes start from)
+    rng = np.random.default_rng(0)
+    rand = rng.integers(1, 11, len(view))
+    avg = np.stack([img[rand == k].mean(axis=0) for k in range(1, 11)])
+    assert class_purity(rand, view) < 0.5
+    bad = view_matches(avg, rand, view, truth)
+    assert not any(own >= 0.75 and own > o + 0.15 for _, _, own, o in bad), bad
+
+    # outputs, RELION's names and labels
+    root = tmp_path / "out" / "run"
+    for it in (0, 15):
+        for what in ("classes.mrcs", "data.star", "model.star", "optimiser.star", "sampling.star"):
+            assert (tmp_path / "out" / f"run_it{it:03d}_{what}").is_file()
+    data = read_particles(f"{root}_it015_data.star").particles
+    for label in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                  "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
+        assert label in data.columns
+    assert np.array_equal(data["rlnClassNumber"].to_numpy(), cls)
+    model = read_star(f"{root}_it015_model.star")
+    assert model["model_general"]["rlnReferenceDimensionality"] == 2
+    fr = model["model_classes"]["rlnClassDistribution"].to_numpy()
+    assert fr.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(np.bincount(cls, minlength=11)[1:] / len(cls), fr, atol=0.05)
+    assert (model["model_classes"]["rlnEstimatedResolution"].to_numpy()[fr > 0] < 20).all()
+    first = open(f"{root}_it015_optimiser.star").readline()
+    assert first.startswith("#")
+
+
+@pytest.mark.relion
+def test_class2d_outputs_read_by_relion(tmp_path, relion, monkeypatch):
+    """RELION reads the class stack and the STAR files of a short run."""
+    from cryodask.em.class2d import class2d
+
+    _simulate(tmp_path / "data", n=60)
+    monkeypatch.chdir(tmp_path / "data")
+    class2d("p.star", tmp_path / "out" / "run", K=2, iter=1, psi_step=30, offset_range=1, offset_step=1,
+            oversampling=0, pool=60, n_workers=1, log=None)
+    root = tmp_path / "out" / "run_it001"
+    r = subprocess.run([f"{relion}/relion_image_handler", "--i", f"{root}_classes.mrcs", "--stats"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.count("32 x 32 x 1") == 2, r.stdout + r.stderr
+    for what in ("data", "model"):
+        out = tmp_path / f"{what}_copy.star"
+        r = subprocess.run([f"{relion}/relion_star_handler", "--i", f"{root}_{what}.star", "--o", str(out)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and out.is_file(), r.stdout + r.stderr
+    assert "rlnClassNumber" in (tmp_path / "data_copy.star").read_text()
+
+
+@pytest.mark.parametrize("opt", [["--K", "0"], ["--offset_step", "0"], ["--tau2_fudge", "-1"]])
+def test_class2d_bad_options(tmp_path, opt):
+    _simulate(tmp_path, n=10)
+    r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", str(tmp_path / "p.star"), "--o",
+                        str(tmp_path / "run"), *opt], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cryodask: error: {opt[0]}:"), r.stderr
+    assert "Traceback" not in r.stderr
