@@ -107,6 +107,10 @@ def slurm_cpu(local_slurm, tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("slurm-cpu")
     cfg = test_config("slurm-cpu", tmp, name="cpu", adapt={"minimum": 2, "maximum": 2})
+    # the cluster gives up on a lost worker's job (and adapt replaces it) after 2 s instead of 15 s
+    data = yaml.safe_load(cfg.read_text())
+    data["distributed"]["deploy"] = {"lost-worker-timeout": "2s"}
+    cfg.write_text(yaml.safe_dump(data))
     with execution_client(cluster=str(cfg)) as client:
         client.wait_for_workers(2, timeout=120)
         names = {n for (n,) in client.run(_job_env, "SLURM_JOB_NAME").values()}
