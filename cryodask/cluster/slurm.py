@@ -99,11 +99,16 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
     active then, not this cluster's.
     """
     kwargs: dict[str, Any] = {}
+    accepted = _accepted_kwargs()
     for key, value in (dask.config.get("jobqueue.slurm", {}) or {}).items():
         key = key.replace("_", "-")
         if key in _DEPRECATED and not value:
             continue
-        kwargs[_KWARG_NAMES.get(key, key.replace("-", "_"))] = copy.deepcopy(value)
+        name = _KWARG_NAMES.get(key, key.replace("-", "_"))
+        if name not in accepted:  # e.g. a stray key in ~/.config/dask (cryodask cluster check names them)
+            logger.warning("jobqueue.slurm.%s is not a dask-jobqueue setting; ignored", key)
+            continue
+        kwargs[name] = copy.deepcopy(value)
     prologue = [str(x) for x in (dask.config.get(P + "job-script-prologue") or [])]
     if spec.worker_config:
         sections = ", ".join(sorted(spec.worker_config))
@@ -119,6 +124,18 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
     if cores is not None:
         kwargs["cores"] = cores
     return kwargs
+
+
+def _accepted_kwargs() -> set[str]:
+    """Keyword arguments ``SLURMCluster`` passes on (its own, ``Job``'s and ``SLURMJob``'s)."""
+    import inspect
+
+    import_jobqueue()
+    from dask_jobqueue.core import Job, JobQueueCluster
+    from dask_jobqueue.slurm import SLURMJob
+
+    return {p for cls in (SLURMJob, Job, JobQueueCluster) for p in inspect.signature(cls.__init__).parameters} - {
+        "self", "kwargs", "base_class_kwargs", "job_kwargs"}
 
 
 def render_job_script(spec: ClusterSpec, *, job_name: str | None = None,
