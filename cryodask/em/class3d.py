@@ -80,6 +80,9 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path, *, K: int = 2, ini_hi
                 skip_gridding=skip_gridding, incr_size=incr_size, perturb=perturb,
                 adaptive_fraction=adaptive_fraction, command_line=command_line, continue_from=None,
                 auto_local_healpix_order=99, low_resol_join_halves=-1.0, firstiter_cc=False, auto_iter_max=iter)
+    from cryodask.em.refine3d import _check_inputs
+
+    _check_inputs(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if client is None:

@@ -232,6 +232,9 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *, ini
                 command_line=command_line, continue_from=None if continue_from is None else str(continue_from))
     if continue_from is None and ref is None:
         raise UserError("--ref", "refine3d needs an initial reference map (--ref), or --continue")
+    from cryodask.em.refine3d import _check_inputs
+
+    _check_inputs(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if client is None:
@@ -240,6 +243,21 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *, ini
             # hook: cryodask.cluster.client.execution_client(...) will replace this
             client = stack.enter_context(local_client(n_workers, threads=j))
         return _refine(client, opts, log or (lambda *a, **k: None))
+
+
+def _check_inputs(opts) -> None:
+    """Open the particles and check the reference's box and pixel size, without starting a cluster."""
+    from cryodask.io.mrc import stack_info
+
+    particles = _open(opts)
+    if opts.get("ref"):
+        info = stack_info(opts["ref"])
+        if tuple(info.shape) != (particles.box,) * 3:
+            raise UserError(opts["ref"], f"is {info.shape[-1]} px but the particles are {particles.box} px; "
+                                         "resample the reference to the particles' box")
+    out = Path(opts["o"]).parent
+    if out.exists() and not out.is_dir():
+        raise UserError("--o", f"{out} is a file; give a rootname inside a folder")
 
 
 def _open(opts):

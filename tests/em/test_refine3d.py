@@ -133,7 +133,7 @@ def test_auto_refine_reaches_the_true_pose_resolution(tmp_path, client):
     from cryodask.em.known_poses import reconstruct_known_poses
     from cryodask.io.store import open_particles
 
-    vol, sim, paths = _dataset(tmp_path, 400)
+    vol, sim, paths = _dataset(tmp_path, 300)
     res = refine3d(paths["particles"], tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1,
                    auto_local_healpix_order=3, client=client, **COMMON)
     truth = sim.truth.copy()
