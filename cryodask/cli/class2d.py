@@ -35,7 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offset_range", type=float, default=6.0, help="translational search range, pixels (default 6)")
     g.add_argument("--offset_step", type=float, default=2.0, help="translational search step, pixels (default 2)")
     g.add_argument("--oversampling", type=int, default=1,
-                   help="oversampling order: the search uses steps / 2^os (default 1)")
+                   help="adaptive oversampling order: the fine pass uses steps / 2^os (default 1)")
     g.add_argument("--tau2_fudge", type=float, default=2.0, help="regularisation parameter T (default 2)")
     g.add_argument("--particle_diameter", type=float, default=-1.0,
                    help="mask diameter in Å (default: the box minus the soft edge)")

@@ -22,10 +22,15 @@ of all (masked) particles, and in the first iteration each particle is given to 
 random class (``do_generate_seeds``), aligned against that average; the first class
 averages are therefore averages of random subsets.
 
-Simplifications (documented, to be lifted): the search is a single pass over the fine
-grid (psi step ``psi_step / 2^os``, translation step ``offset_step / 2^os``) rather than
-RELION's two-pass adaptive oversampling — the same posterior, at more cost; no norm /
-scale correction; no ``--continue`` yet; the grid is not randomly perturbed.
+The search is RELION's adaptive oversampling (``--oversampling`` ≥ 1, the default 1): a coarse
+pass at ``coarse_size`` (resolution ``(psi_step/360)·π·D/1.5``, RELION's 2D rule) over psi steps of
+``--psi_step`` and the translation grid of ``--offset_step``, the 0.999 significance rule, then the
+children of the significant samples (psi step / 2^os, offset step / 2^os) at ``current_size``
+(:func:`cryodask.em.estep.score_two_pass`). ``--oversampling 0`` scores the coarse grid only.
+
+Simplifications (to be lifted): no norm / scale correction; no ``--continue`` yet; the sampling
+grid is not randomly perturbed; the initial σ² uses every particle (RELION: the first 1000 per
+optics group).
 
 References reach the chunk tasks as the ``_classes.mrcs`` file of the previous
 iteration (read and turned into a projector once per worker process), never embedded
@@ -124,8 +129,11 @@ class Class2DSetup:
     class_fractions: np.ndarray  # (K,)
     prior_offsets: np.ndarray  # (K, 2) pixels
     sigma_offset: float  # Å
-    psi: np.ndarray  # fine in-plane angles, degrees
-    translations: np.ndarray  # fine translations (T, 2) pixels
+    psi_step: float  # coarse in-plane step, degrees
+    offset_range: float  # pixels
+    offset_step: float  # coarse translation step, pixels
+    oversampling: int
+    coarse_size: int
     particle_diameter: float  # Å
     width_mask_edge: int = 5
     zero_mask: bool = False
@@ -304,13 +312,119 @@ def _add_dicts(*parts: dict[str, Any]) -> dict[str, Any]:
 # the chunk task
 
 
+def _pixels(box: int, r_max: float, ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, sigma2: np.ndarray,
+            optics: np.ndarray) -> dict[str, Any]:
+    """The images, CTF and 1/σ² on the Fourier pixels within ``r_max`` (a window of ``2·r_max``)."""
+    from cryodask.em.estep import inv_sigma2_from_sigma2
+    from cryodask.ops.project import slice_pixels
+
+    n = len(ft)
+    nsh = box // 2 + 1
+    flat, kx, ky = slice_pixels(box, r_max)
+    shell = _shell_of(kx, ky)
+    s2 = np.asarray(sigma2, np.float64)[optics][:, np.minimum(shell, nsh - 1)]
+    isg_m = inv_sigma2_from_sigma2(s2).astype(np.float32)  # M-step: 1/σ² at the origin too (RELION)
+    isg = isg_m.copy()
+    isg[:, shell == 0] = 0.0  # scoring leaves the origin out
+    return dict(flat=flat, kx=kx, ky=ky, shell=shell, freqs=np.stack([kx, ky], axis=1),
+                Xu=ft.reshape(n, -1)[:, flat].astype(np.complex64), Xm=mft.reshape(n, -1)[:, flat].astype(np.complex64),
+                ctf=ctf_full.reshape(n, -1)[:, flat], isg=isg, isg_m=isg_m)
+
+
+def _offset_d2(old: np.ndarray, T: np.ndarray, prior: np.ndarray, apix: float) -> np.ndarray:
+    """``|old + t − prior_k|²`` in Å², ``(n, K, T)``."""
+    d = old[:, None, None, :] + T[None, None, :, :] - prior[None, :, None, :]
+    return (d * d).sum(axis=-1) * apix * apix
+
+
+def _log_prior_trans(d2: np.ndarray, sigma_offset: float) -> np.ndarray:
+    s2off = float(sigma_offset) ** 2
+    return -d2 / (2.0 * s2off) if s2off >= 1e-4 else np.where(d2 > 0, -np.inf, 0.0)
+
+
+def _single_pass(setup: Class2DSetup, px: dict[str, Any], old: np.ndarray, n_score: int, lpo: Any) -> dict[str, Any]:
+    """Every class × psi × translation of the fine grid scored at ``current_size`` (``--oversampling 0``)."""
+    from cryodask.em.estep import (log_sigma2_term, phase_ramps, posterior_weights, precompute_shifted, score_terms,
+                                   scoring_terms)
+
+    n = len(old)
+    psi, T = fine_sampling(setup.psi_step, setup.offset_range, setup.offset_step, setup.oversampling)
+    R, n_t = len(psi), len(T)
+    ramps = phase_ramps(px["freqs"], -T, setup.box)  # translation t: the image moved by +t (new origin = old + t)
+    Xm_s = precompute_shifted(px["Xm"], ramps)
+    terms = scoring_terms(Xm_s, ctf=px["ctf"], inv_sigma2=px["isg"], n_trans=n_t)
+    proj = load_references(setup.references, pad=setup.pad, r_max=setup.current_size / 2.0)
+    P = proj.sample(psi, px["kx"], px["ky"])  # (K, R, npix)
+    lpt = _log_prior_trans(_offset_d2(old, T, setup.prior_offsets[:n_score], setup.pixel_size), setup.sigma_offset)
+    diff2 = np.empty((n, n_score * R, n_t), np.float32)
+    for k in range(n_score):
+        score_terms(terms, P[k], include_constant=False, out=diff2[:, k * R:(k + 1) * R, :])
+    post = posterior_weights(diff2, log_prior_orient=None if lpo is None else np.repeat(lpo, R), log_prior_trans=lpt,
+                             orient_class=np.repeat(np.arange(n_score), R), adaptive_fraction=setup.adaptive_fraction,
+                             diff2_offset=terms.constant, logsigma2=log_sigma2_term(px["isg"]))
+    del diff2
+    blocks = [(post.weights[:, k * R:(k + 1) * R, :], post.significant[:, k * R:(k + 1) * R, :], P[k], psi)
+              for k in range(n_score)]
+    return dict(blocks=blocks, T=T, ramps=ramps, Xm_s=Xm_s, best_class=post.best_orientation // R,
+                best_psi=psi[post.best_orientation % R], best_t=T[post.best_translation], pmax=post.pmax,
+                n_significant=post.n_significant, log_likelihood=post.log_likelihood, failed=post.failed)
+
+
+def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray,
+              px: dict[str, Any], old: np.ndarray, n_score: int, lpo: Any) -> dict[str, Any]:
+    """RELION's adaptive oversampling: coarse grid at ``coarse_size``, then the children of the significant
+    samples at ``current_size`` (:func:`cryodask.em.estep.score_two_pass`)."""
+    from dataclasses import replace
+
+    from cryodask.em.estep import log_sigma2_term, phase_ramps, precompute_shifted, score_two_pass, scoring_terms
+    from cryodask.geometry.shifts import oversample_translations, translation_grid
+
+    box, os_ = setup.box, setup.oversampling
+    psi_c, _ = fine_sampling(setup.psi_step, setup.offset_range, setup.offset_step, 0)
+    psi_f, _ = fine_sampling(setup.psi_step, setup.offset_range, setup.offset_step, os_)
+    T_c = translation_grid(setup.offset_range, setup.offset_step)
+    T_f = oversample_translations(T_c, None, os_, setup.offset_step)  # coarse-major children
+    pc = _pixels(box, setup.coarse_size / 2.0, ft, mft, ctf_full, setup.sigma2_noise, optics)
+    ramps_c = phase_ramps(pc["freqs"], -T_c, box)
+    ramps_f = phase_ramps(px["freqs"], -T_f, box)
+    coarse = scoring_terms(precompute_shifted(pc["Xm"], ramps_c), ctf=pc["ctf"], inv_sigma2=pc["isg"],
+                           n_trans=len(T_c))
+    fine = scoring_terms(precompute_shifted(px["Xm"], ramps_f), ctf=px["ctf"], inv_sigma2=px["isg"],
+                         n_trans=len(T_f))
+    proj_c = load_references(setup.references, pad=setup.pad, r_max=setup.coarse_size / 2.0)
+    proj_f = load_references(setup.references, pad=setup.pad, r_max=setup.current_size / 2.0)
+    P_c = proj_c.sample(psi_c, pc["kx"], pc["ky"])
+    single = [replace(proj_f, data=proj_f.data[k:k + 1], power_spectrum=proj_f.power_spectrum[k:k + 1])
+              for k in range(n_score)]
+
+    def fine_projector(k: int, orient: Any) -> np.ndarray:
+        return single[k].sample(psi_f[np.asarray(orient)], px["kx"], px["ky"])[0]
+
+    lpt = _log_prior_trans(_offset_d2(old, T_c, setup.prior_offsets[:n_score], setup.pixel_size), setup.sigma_offset)
+    res = score_two_pass(coarse, fine, [P_c[k] for k in range(n_score)], fine_projector, n_over_rot=2 ** os_,
+                         n_over_trans=4 ** os_, log_prior_orient=None if lpo is None else np.repeat(
+                             lpo[:, None], len(psi_c), axis=1), log_prior_trans=lpt,
+                         adaptive_fraction=setup.adaptive_fraction, logsigma2=log_sigma2_term(px["isg"]))
+    del coarse, fine
+    blocks = []
+    for k in range(n_score):
+        w, sig = res.class_weights(k)
+        fc = res.classes[k]
+        blocks.append((w, sig, fc.projections, psi_f[np.asarray(fc.orientations, np.int64)]))
+    sel = np.asarray(res.fine_translations, np.int64)
+    cls, orient, tidx = res.best_pose()
+    ramps = ramps_f[sel]
+    return dict(blocks=blocks, T=T_f[sel], ramps=ramps, Xm_s=precompute_shifted(px["Xm"], ramps), best_class=cls,
+                best_psi=psi_f[orient], best_t=T_f[tidx], pmax=res.fine.pmax,
+                n_significant=res.coarse.n_significant, log_likelihood=res.fine.log_likelihood,
+                failed=res.fine.failed | res.coarse.failed)
+
+
 def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
     """E-step and M-step sums of one chunk against all classes (see the module docstring)."""
-    from cryodask.em.estep import (inv_sigma2_from_sigma2, log_sigma2_term, mstep_sums, phase_ramps,
-                                   posterior_weights, precompute_shifted, score_terms, scoring_terms)
+    from cryodask.em.estep import mstep_sums, precompute_shifted
     from cryodask.em.state import iteration_rng
     from cryodask.ops.backproject import BackProjector
-    from cryodask.ops.project import slice_pixels
 
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
     n = len(inp.index)
@@ -320,88 +434,56 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
     ft, mft = prepare_images(np.asarray(images), inp.origins_px, pixel_size=apix,
                              particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
                              zero_mask=setup.zero_mask, rng=rng)
-    shell_all, _ = _half_pixels(box)
-    flat, kx, ky = slice_pixels(box, r_max)
-    shell = _shell_of(kx, ky)
-    Xu = ft.reshape(n, -1)[:, flat].astype(np.complex64)
-    Xm = mft.reshape(n, -1)[:, flat].astype(np.complex64)
-    ctf = _ctf_of(inp, box, apix, setup.do_ctf).reshape(n, -1)[:, flat]
-    s2 = np.asarray(setup.sigma2_noise, np.float64)[inp.optics][:, np.minimum(shell, nsh - 1)]
-    isg_m = inv_sigma2_from_sigma2(s2).astype(np.float32)  # M-step: 1/σ² at the origin too (RELION)
-    isg = isg_m.copy()
-    isg[:, shell == 0] = 0.0
-
-    psi = np.asarray(setup.psi, np.float64)
-    T = np.asarray(setup.translations, np.float64)
-    R, n_t = len(psi), len(T)
-    freqs = np.stack([kx, ky], axis=1)
-    ramps = phase_ramps(freqs, -T, box)  # translation t: the image moved by +t (new origin = old + t)
-    Xm_s = precompute_shifted(Xm, ramps)
-    terms = scoring_terms(Xm_s, ctf=ctf, inv_sigma2=isg, n_trans=n_t)
-    proj = load_references(setup.references, pad=setup.pad, r_max=r_max)
-    P = proj.sample(psi, kx, ky)  # (K, R, npix)
-
+    ctf_full = _ctf_of(inp, box, apix, setup.do_ctf)
+    px = _pixels(box, r_max, ft, mft, ctf_full, setup.sigma2_noise, inp.optics)
     old = np.asarray(inp.origins_px, np.float64)
-    prior = np.asarray(setup.prior_offsets, np.float64)
-    # |old + t − prior_k|² in Å², (n, K, T)
-    d = old[:, None, None, :] + T[None, None, :, :] - prior[None, :, None, :]
-    d2 = (d * d).sum(axis=-1) * apix * apix
-    s2off = float(setup.sigma_offset) ** 2
-    lpt = -d2 / (2.0 * s2off) if s2off >= 1e-4 else np.where(d2 > 0, -np.inf, 0.0)
-    logsigma2 = log_sigma2_term(isg)
 
-    if setup.generate_seeds:
-        # first iteration: every reference is the average; one random class per particle (RELION's seeds)
-        n_score = 1
-        diff2 = score_terms(terms, P[0], include_constant=False)
-        post = posterior_weights(diff2, log_prior_trans=lpt[:, 0, :], adaptive_fraction=setup.adaptive_fraction,
-                                 diff2_offset=terms.constant, logsigma2=logsigma2)
-        seed = np.asarray(inp.seed_class, np.int64)
-        best_class = seed
-    else:
-        n_score = K
-        diff2 = np.empty((n, K * R, n_t), np.float32)
-        for k in range(K):
-            score_terms(terms, P[k], include_constant=False, out=diff2[:, k * R:(k + 1) * R, :])
-        frac = np.asarray(setup.class_fractions, np.float64)
+    # first iteration: every reference is the average; one random class per particle (RELION's seeds)
+    seeds = setup.generate_seeds
+    n_score = 1 if seeds else K
+    lpo = None
+    if not seeds:
         with np.errstate(divide="ignore"):
-            lpo = np.repeat(np.log(np.maximum(frac, 0.0)), R)
-        post = posterior_weights(diff2, log_prior_orient=lpo, log_prior_trans=lpt, orient_class=np.repeat(
-            np.arange(K), R), adaptive_fraction=setup.adaptive_fraction, diff2_offset=terms.constant,
-            logsigma2=logsigma2)
-        best_class = post.best_orientation // R
-    del diff2
-    if bool(np.any(post.failed)):
-        bad = inp.index[np.flatnonzero(post.failed)[0]] + 1
+            lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
+    if setup.oversampling > 0:
+        s = _two_pass(setup, ft, mft, ctf_full, inp.optics, px, old, n_score, lpo)
+    else:
+        s = _single_pass(setup, px, old, n_score, lpo)
+    if bool(np.any(s["failed"])):
+        bad = inp.index[np.flatnonzero(s["failed"])[0]] + 1
         raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
                                            "pixel size, --particle_diameter and the CTF parameters")
+    best_class = np.asarray(inp.seed_class, np.int64) if seeds else np.asarray(s["best_class"], np.int64)
 
-    Xu_s = precompute_shifted(Xu, ramps)
+    T = s["T"]
+    n_t = len(T)
+    Xu_s = precompute_shifted(px["Xu"], s["ramps"])
+    Xm_s = s["Xm_s"]
+    d2 = _offset_d2(old, T, setup.prior_offsets, apix)
+    flat, shell = px["flat"], px["shell"]
     half_shape = (box, box // 2 + 1)
     bps, sigma2_sum = [], np.zeros((inp.n_optics, nsh))
     class_weight, offset_sum, sig_off = np.zeros(K), np.zeros((K, 2)), 0.0
     for k in range(K):
         bp = BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2)
         bps.append(bp)
-        if setup.generate_seeds:
-            sel = (seed == k).astype(np.float32)[:, None, None]
-            w = post.weights * sel
-            sig = post.significant & (sel > 0)
-            Pk = P[0]
+        if seeds:
+            w, sig, Pk, psi_k = s["blocks"][0]
+            sel = (best_class == k)[:, None, None]
+            w = np.where(sel, w, 0).astype(w.dtype)
+            sig = sig & sel
         else:
-            w = post.weights[:, k * R:(k + 1) * R, :]
-            sig = post.significant[:, k * R:(k + 1) * R, :]
-            Pk = P[k]
-        if not bool((w * sig).any()):
+            w, sig, Pk, psi_k = s["blocks"][k]
+        if w.shape[1] == 0 or not bool((w * sig).any()):
             continue
-        sums = mstep_sums(w, Xu_s, Pk, ctf=ctf, inv_sigma2=isg_m, n_trans=n_t, X_shifted_masked=Xm_s,
+        sums = mstep_sums(w, Xu_s, Pk, ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s,
                           significant=sig, group=inp.optics, n_groups=inp.n_optics, offset_diff2=d2[:, k, :])
         m = len(sums.orientations)
         slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
         weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
         slices[:, flat] = sums.data
         weights[:, flat] = sums.weight
-        bp.insert(slices.reshape((m,) + half_shape), psi[np.asarray(sums.orientations)],
+        bp.insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sums.orientations)],
                   weights=weights.reshape((m,) + half_shape))
         for g in range(inp.n_optics):
             sigma2_sum[g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
@@ -410,8 +492,9 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
         offset_sum[k] = tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
         sig_off += sums.sigma2_offset
-    del Xu_s, Xm_s, terms
+    del Xu_s, Xm_s
 
+    shell_all, _ = _half_pixels(box)
     p2 = mft.reshape(n, -1)
     p2 = p2.real ** 2 + p2.imag ** 2
     power_sum = np.zeros((inp.n_optics, nsh))
@@ -423,16 +506,14 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         if sel.any():
             power_sum[g] = np.bincount(shell_all[ok], weights=p2[sel][:, ok].sum(axis=0), minlength=nsh)[:nsh]
 
-    r_best = post.best_orientation % R
-    t_best = T[post.best_translation]
-    ll = np.asarray(post.log_likelihood, np.float64)
+    ll = np.asarray(s["log_likelihood"], np.float64)
+    pmax = np.asarray(s["pmax"], np.float64)
     sums = Class2DSums(bp=bps, sigma2_sum=sigma2_sum, power_sum=power_sum, n_particles=n_particles,
                        class_weight=class_weight, offset_sum=offset_sum, sigma2_offset=float(sig_off),
-                       log_likelihood=float(ll.sum()), pmax_sum=float(np.sum(post.pmax)))
-    del n_score
-    return ChunkOutput(sums=sums, index=np.asarray(inp.index), class_number=np.asarray(best_class) + 1,
-                       psi=psi[r_best], origins_px=old + t_best, pmax=np.asarray(post.pmax, np.float64),
-                       n_significant=np.asarray(post.n_significant, np.int64), log_likelihood=ll)
+                       log_likelihood=float(ll.sum()), pmax_sum=float(pmax.sum()))
+    return ChunkOutput(sums=sums, index=np.asarray(inp.index), class_number=best_class + 1,
+                       psi=np.asarray(s["best_psi"], np.float64), origins_px=old + np.asarray(s["best_t"]),
+                       pmax=pmax, n_significant=np.asarray(s["n_significant"], np.int64), log_likelihood=ll)
 
 
 def reconstruct_class(total: Class2DSums, k: int, tau2: np.ndarray, tau2_fudge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -518,7 +599,8 @@ def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: 
     offset_range, offset_step
         Translational search disc radius and step in pixels (RELION: 6 and 2).
     oversampling
-        Fine grid = psi step / 2^os and offset step / 2^os (scored in one pass, see the module docstring).
+        Adaptive oversampling order: the fine pass uses psi step / 2^os and offset step / 2^os; 0 scores the
+        coarse grid only.
     tau2_fudge
         Regularisation parameter T (RELION's GUI for Class2D: 2).
     particle_diameter
@@ -706,12 +788,14 @@ class _Run:
         from cryodask.io.mrc import write_stack
 
         c, m, o = self.client, self.model, self.o
-        psi, trans = fine_sampling(o["psi_step"], o["offset_range"], o["offset_step"], o["oversampling"])
         setup = Class2DSetup(iteration=it, box=self.box, pixel_size=self.apix, pad=o["pad"], n_classes=self.K,
                              current_size=int(m.current_size), references=str(Path(refs).resolve()),
                              sigma2_noise=m.sigma2_noise.copy(), class_fractions=m.class_fractions.copy(),
-                             prior_offsets=self.prior_offsets.copy(), sigma_offset=float(m.sigma_offset), psi=psi,
-                             translations=trans, particle_diameter=o["particle_diameter"],
+                             prior_offsets=self.prior_offsets.copy(), sigma_offset=float(m.sigma_offset),
+                             psi_step=o["psi_step"], offset_range=o["offset_range"], offset_step=o["offset_step"],
+                             oversampling=o["oversampling"], coarse_size=coarse_image_size_2d(
+                                 o["psi_step"], o["particle_diameter"], self.apix, self.box, int(m.current_size)),
+                             particle_diameter=o["particle_diameter"],
                              width_mask_edge=o["width_mask_edge"], zero_mask=o["zero_mask"], do_ctf=o["ctf"],
                              random_seed=o["random_seed"], generate_seeds=seeds is not None,
                              adaptive_fraction=o["adaptive_fraction"])
