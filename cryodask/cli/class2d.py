@@ -16,6 +16,7 @@ Examples
   cryodask simulate --o sim --n 500 --box 32 --angpix 4 --snr 0.5
   cryodask class2d --i sim/particles.star --o Class2D/run --K 10 --iter 25 --ctf \\
       --particle_diameter 110 --zero_mask --psi_step 10 --offset_range 5 --offset_step 2
+  cryodask class2d --i sim/particles.star --o Class2D/run --continue Class2D/run_it010_optimiser.star --iter 25
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("input and output")
     g.add_argument("--i", required=True, metavar="STAR|STORE", help="particles: a STAR file or a particle store")
     g.add_argument("--o", required=True, metavar="ROOT", help="output rootname, e.g. Class2D/run")
+    g.add_argument("--continue", dest="continue_from", metavar="OPTIMISER",
+                   help="resume from an <o>_itNNN_optimiser.star (--iter is then the last iteration to run)")
     g = parser.add_argument_group("classification (RELION's options)")
-    g.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
+    g.add_argument("--K", type=int, default=None, help="number of classes")
     g.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
     g.add_argument("--psi_step", type=float, default=-1.0, help="in-plane angular step, degrees (-1: 10)")
     g.add_argument("--offset_range", type=float, default=6.0, help="translational search range, pixels (default 6)")
@@ -55,7 +58,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for k, v in vars(args).items():
         if k.startswith("_") or k == "command" or v is None or v is False:
             continue
-        words += [f"--{k}"] if v is True else [f"--{k}", shlex.quote(str(v))]
+        name = "--continue" if k == "continue_from" else f"--{k}"
+        words += [name] if v is True else [name, shlex.quote(str(v))]
     return " ".join(words)
 
 
@@ -66,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
                   particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
                   random_seed=args.random_seed, pool=args.pool, j=args.j, n_workers=args.workers,
-                  command_line=_command_line(args))
+                  continue_from=args.continue_from, command_line=_command_line(args))
     fr = ", ".join(f"{f:.2f}" for f in res.class_fractions)
     print(f"class2d: {res.iterations} iterations; class fractions {fr}; "
           f"classes {res.output_root}_it{res.iterations:03d}_classes.mrcs")

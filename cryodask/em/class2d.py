@@ -575,12 +575,12 @@ def _check_options(K: int, iter: int, psi_step: float, offset_range: float, offs
             raise UserError(where_, what)
 
 
-def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: float = -1.0,
+def class2d(particles: Any, o: str | Path, *, K: int | None = None, iter: int = 25, psi_step: float = -1.0,
             offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
             particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
             pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
             pool: int | None = None, j: int = 1, client: Any = None, n_workers: int | None = None,
-            command_line: str = "", log: Any = print) -> Class2DResult:
+            continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class2DResult:
     """2D classification; RELION's option names as keyword arguments.
 
     Parameters
@@ -591,9 +591,9 @@ def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: 
     o
         Output rootname (``Class2D/run`` writes ``Class2D/run_it001_classes.mrcs``…).
     K
-        Number of classes.
+        Number of classes (required unless ``continue_from``).
     iter
-        Number of iterations (RELION's GUI: 25).
+        Number of iterations (RELION's GUI: 25); with ``continue_from``, the last iteration to run.
     psi_step
         In-plane angular step in degrees; -1 is RELION's 2D default, 10°.
     offset_range, offset_step
@@ -617,6 +617,12 @@ def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: 
         Threads per worker of the local cluster.
     client
         A ``distributed.Client``; default: a local cluster of ``n_workers`` workers for the duration of the call.
+    continue_from
+        An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``). The classes, the
+        model, the particles' offsets and the options that shape the run (K, sampling, mask, CTF,
+        seed, chunking) come from that iteration's files; ``iter``, ``tau2_fudge`` and the compute
+        options may change. Same seed, same chunks: the continued run draws what an uninterrupted
+        one would.
     command_line
         Stored as the first line of each ``_optimiser.star``.
 
@@ -624,6 +630,21 @@ def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: 
     -------
     Class2DResult
     """
+    state = None
+    if continue_from is not None:
+        from cryodask.em.model import read_model
+        from cryodask.em.state import read_optimiser, resolve_file
+
+        state, files = read_optimiser(continue_from)
+        K = read_model(resolve_file(files["model"], continue_from)).n_classes
+        psi_step, offset_range, offset_step = state.psi_step, state.offset_range, state.offset_step
+        oversampling, particle_diameter, zero_mask = state.adaptive_oversampling, state.particle_diameter, \
+            state.do_zero_mask
+        ctf, random_seed, pool, incr_size = state.do_ctf_correction, state.random_seed, state.max_pooled, \
+            state.incr_size
+        adaptive_fraction, width_mask_edge = state.adaptive_fraction, state.width_mask_edge
+    if K is None:
+        raise UserError("--K", "give the number of classes (e.g. --K 50), or --continue an earlier run")
     _check_options(K, iter, psi_step, offset_range, offset_step, oversampling, tau2_fudge, particle_diameter, pad,
                    pool, j, n_workers)
     from cryodask.io.store import open_particles
@@ -638,7 +659,8 @@ def class2d(particles: Any, o: str | Path, *, K: int, iter: int = 25, psi_step: 
                 tau2_fudge=float(tau2_fudge), particle_diameter=float(particle_diameter), zero_mask=bool(zero_mask),
                 ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
                 adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
-                command_line=command_line, pool=pool)
+                command_line=command_line, pool=pool,
+                continue_from=None if continue_from is None else str(continue_from))
     with contextlib.ExitStack() as stack:
         if client is None:
             from cryodask.cluster.local import local_client
@@ -721,12 +743,18 @@ class _Run:
         from cryodask.em.state import iteration_rng
 
         t0 = time.perf_counter()
-        refs = self._initialise()
+        if self.o["continue_from"]:
+            refs = self._load(self.o["continue_from"])
+            start = self.state.iteration + 1
+        else:
+            refs = self._initialise()
+            start = 1
         self.log(f"class2d: {self.n} particles, box {self.box}, {self.apix:g} Å/px, K={self.K}; "
-                 f"initialised in {time.perf_counter() - t0:.1f} s")
+                 f"{'continued from iteration ' + str(start - 1) if start > 1 else 'initialised'} in "
+                 f"{time.perf_counter() - t0:.1f} s")
         seeds = iteration_rng(self.o["random_seed"], 1, 7).integers(0, self.K, self.n)
         images = None
-        for it in range(1, self.o["iter"] + 1):
+        for it in range(start, self.o["iter"] + 1):
             t1 = time.perf_counter()
             images = self._chunks()
             refs = self._iteration(it, images, refs, seeds if it == 1 else None)
@@ -741,6 +769,37 @@ class _Run:
                              resolution=self.model.estimated_resolution.copy(), data=self.parts.copy(),
                              pixel_size=self.apix, iterations=self.o["iter"], output_root=self.o["o"],
                              history=self.history)
+
+    def _load(self, optimiser: str) -> str:
+        """Restore the model, the particles and the state of an iteration; returns its classes' path."""
+        from cryodask.em.model import read_model
+        from cryodask.em.state import read_optimiser, resolve_file
+        from cryodask.io.mrc import read_stack
+        from cryodask.io.star import read_particles, read_star
+
+        st, files = read_optimiser(optimiser)
+        data = resolve_file(files["data"], optimiser)
+        t = read_particles(data)
+        if len(t.particles) != self.n:
+            raise UserError(data, f"has {len(t.particles)} particles but --i has {self.n}; continue with the same "
+                                  "particles")
+        model_path = resolve_file(files["model"], optimiser)
+        m = read_model(model_path)
+        if not m.references or "@" not in m.references[0]:
+            raise UserError(model_path, "names no class stack (rlnReferenceImage N@file.mrcs); continue a class2d run")
+        refs = resolve_file(m.references[0].split("@", 1)[1], optimiser)
+        classes = read_star(model_path, blocks=["model_classes"])["model_classes"]
+        for j, c in enumerate(("rlnClassPriorOffsetX", "rlnClassPriorOffsetY")):
+            if c in classes.columns:
+                self.prior_offsets[:, j] = pd.to_numeric(classes[c]).to_numpy(np.float64) / self.apix
+        m.tau2_fudge = self.o["tau2_fudge"]
+        m.pad = self.o["pad"]
+        self.model = m
+        st.output_root, st.n_iterations = self.o["o"], self.o["iter"]
+        self.state = st
+        self.parts = t.particles.reset_index(drop=True)
+        self._set_tau2(np.array(read_stack(refs, mmap=False)))
+        return str(refs)
 
     def _initialise(self) -> str:
         """Initial σ² and references (the average image); writes the it000 files. Returns the references' path."""

@@ -177,11 +177,12 @@ def test_class2d_outputs_read_by_relion(tmp_path, relion, monkeypatch):
     assert "rlnClassNumber" in (tmp_path / "data_copy.star").read_text()
 
 
-@pytest.mark.parametrize("opt", [["--K", "0"], ["--offset_step", "0"], ["--tau2_fudge", "-1"]])
+@pytest.mark.parametrize("opt", [["--K", "0"], ["--offset_step", "0"], ["--tau2_fudge", "-1"],
+                                 ["--K", "20"]])  # more classes than the 10 particles
 def test_class2d_bad_options(tmp_path, opt):
     _simulate(tmp_path, n=10)
     r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", str(tmp_path / "p.star"), "--o",
-                        str(tmp_path / "run"), *opt], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                        str(tmp_path / "run"), "--K", "2", *opt], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cryodask: error: {opt[0]}:"), r.stderr
@@ -228,3 +229,27 @@ def test_two_pass_finds_the_single_pass_optimum(tmp_path):
     assert np.mean(np.all(two["best_t"] == one["best_t"], axis=1)[same]) >= 0.85
     assert np.median(np.abs(two["pmax"] - one["pmax"])) < 0.02
     assert (two["n_significant"] >= 1).all() and len(two["T"]) <= 4 * 29
+
+
+def test_class2d_continue_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stopped after iteration 2 and continued to 3, a run ends with the classes and assignments of a run of 3."""
+    from cryodask.cluster.local import local_client
+    from cryodask.em.class2d import class2d
+
+    _simulate(tmp_path, n=80, seed=5)
+    monkeypatch.chdir(tmp_path)
+    kw = dict(psi_step=30, offset_range=2, offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True,
+              ctf=True, pool=40, random_seed=3, log=None)
+    with local_client(1) as client:
+        full = class2d("p.star", tmp_path / "a" / "run", K=3, iter=3, client=client, **kw)
+        class2d("p.star", tmp_path / "b" / "run", K=3, iter=2, client=client, **kw)
+        cont = class2d("p.star", tmp_path / "b" / "run", iter=3, client=client, log=None,
+                       continue_from=tmp_path / "b" / "run_it002_optimiser.star")
+        # a different seed gives different classes (the comparison can fail)
+        other = class2d("p.star", tmp_path / "c" / "run", K=3, iter=3, client=client, **{**kw, "random_seed": 4})
+    assert (tmp_path / "b" / "run_it003_classes.mrcs").is_file()
+    scale = np.abs(full.classes).max()
+    assert np.abs(cont.classes - full.classes).max() < 1e-3 * scale
+    assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), full.data["rlnClassNumber"].to_numpy())
+    assert np.allclose(cont.class_fractions, full.class_fractions, atol=1e-4)
+    assert np.abs(other.classes - full.classes).max() > 0.05 * scale
