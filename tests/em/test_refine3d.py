@@ -166,3 +166,15 @@ def test_cli_refuses_a_reference_of_another_box(small, tmp_path, capsys):
     assert main(["refine3d", "--i", str(paths["particles"]), "--o", str(tmp_path / "run"), "--ref",
                  str(tmp_path / "big.mrc"), "--workers", "1"]) == 2
     assert "resample" in capsys.readouterr().err
+
+
+@pytest.mark.relion
+def test_relion_postprocess_reads_our_half_maps(small, short_run, relion, tmp_path):
+    folder = small[0]
+    write_map(tmp_path / "mask.mrc", spherical_mask(BOX, 0.4 * BOX, width=3), APIX)
+    subprocess.run([str(relion / "relion_postprocess"), "--i", str(folder / "A" / "run_half1_class001_unfil.mrc"),
+                    "--mask", str(tmp_path / "mask.mrc"), "--angpix", str(APIX), "--o", str(tmp_path / "post")],
+                   check=True, capture_output=True)
+    final = float(read_star(tmp_path / "post.star")["general"]["rlnFinalResolution"])
+    # RELION's masked gold-standard resolution agrees with ours (unmasked, from the accumulators)
+    assert 0.7 * short_run.resolution <= final <= 1.3 * short_run.resolution, (final, short_run.resolution)
