@@ -13,7 +13,7 @@ _model.star). Option names are RELION's.
 
 Examples
 --------
-  cryodask simulate --o sim --n 500 --box 32 --angpix 4 --snr 0.5
+  cryodask simulate --phantom 32 --angpix 4 --n 500 --snr 0.5 --o sim/
   cryodask class2d --i sim/particles.star --o Class2D/run --K 10 --iter 25 --ctf \\
       --particle_diameter 110 --zero_mask --psi_step 10 --offset_range 5 --offset_step 2
   cryodask class2d --i sim/particles.star --o Class2D/run --continue Class2D/run_it010_optimiser.star --iter 25

@@ -516,11 +516,16 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
                        pmax=pmax, n_significant=np.asarray(s["n_significant"], np.int64), log_likelihood=ll)
 
 
-def reconstruct_class(total: Class2DSums, k: int, tau2: np.ndarray, tau2_fudge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Class ``k``'s new reference ``(B, B)`` and its SSNR per shell (RELION's ``data_vs_prior``)."""
+def class_accumulator(total: Class2DSums, k: int) -> Any:
+    """Class ``k``'s accumulators alone: what a reconstruction task needs (so only they move)."""
+    return total.bp[k]
+
+
+def reconstruct_class(bp: Any, tau2: np.ndarray, tau2_fudge: float) -> tuple[np.ndarray, np.ndarray]:
+    """A class's new reference ``(B, B)`` from its accumulators, and its SSNR per shell (RELION's ``data_vs_prior``)."""
     from cryodask.em.mstep import data_vs_prior, reconstruct
 
-    bp = total.bp[k].symmetrised()
+    bp = bp.symmetrised()
     image = np.asarray(reconstruct(bp, tau2=tau2, tau2_fudge=tau2_fudge), np.float32)
     dvp = np.asarray(data_vs_prior(bp, tau2, tau2_fudge=tau2_fudge).data_vs_prior, np.float64)
     return image, dvp
@@ -714,8 +719,8 @@ class _Run:
         for c in ("rlnOriginXAngst", "rlnOriginYAngst"):
             if c not in self.parts.columns:
                 self.parts[c] = 0.0
-        self.parts["rlnAngleRot"] = 0.0
-        self.parts["rlnAngleTilt"] = 0.0
+        if "rlnNormCorrection" not in self.parts.columns:
+            self.parts["rlnNormCorrection"] = 1.0  # RELION writes it; no --norm here
 
     # -- per-chunk inputs --------------------------------------------------------------------
     def chunk_input(self, i: int, sl: slice, seed_class: np.ndarray | None = None) -> ChunkInput:
@@ -868,8 +873,10 @@ class _Run:
         if len(outs) == 1:  # a one-chunk tree is the chunk itself
             total = c.submit(sum_outputs, total, pure=False, key=f"class2d-sum-{it}-{outs[0].key}")
         T = float(o["tau2_fudge"])
-        recs = [c.submit(reconstruct_class, total, k, self.tau2[k], T, pure=False, key=f"class2d-rec-{it}-{k}-"
-                         f"{outs[0].key}") for k in range(self.K)]
+        tag = f"{it}-{outs[0].key}"
+        parts = [c.submit(class_accumulator, total, k, pure=False, key=f"class2d-bp-{k}-{tag}") for k in range(self.K)]
+        recs = [c.submit(reconstruct_class, parts[k], self.tau2[k], T, pure=False, key=f"class2d-rec-{k}-{tag}")
+                for k in range(self.K)]
         results = c.gather(per_particle)
         sums = total.result()
         rec = c.gather(recs)
