@@ -907,7 +907,7 @@ class _Run:
         _, npix = _half_pixels(self.box)
         nsh = self.box // 2 + 1
         flat_shells = np.arange(nsh)
-        inside = flat_shells <= int(m.current_size) // 2
+        inside = flat_shells < int(m.current_size) // 2  # the last shell is only partly inside the window
         for g in range(self.n_opt):
             ng = max(sums.n_particles[g], 1.0)
             new = np.where(inside, sums.sigma2_sum[g], sums.power_sum[g]) / (2.0 * ng * np.maximum(npix, 1))
