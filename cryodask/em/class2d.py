@@ -82,7 +82,8 @@ def fine_sampling(psi_step: float, offset_range: float, offset_step: float, over
 
 def coarse_image_size_2d(psi_step: float, particle_diameter: float, pixel_size: float, box: int,
                          current_size: int) -> int:
-    """RELION's coarse size in 2D: resolution ``(step/360)·π·D/1.5`` → ``2·ceil(apix·N/res)``, at most current_size."""
+    """RELION's coarse size in 2D: resolution ``(step/360)·π·D/1.5`` → ``2·ceil(apix·N/res)``, at most
+    current_size."""
     res = (psi_step / 360.0) * math.pi * particle_diameter / 1.5
     size = 2 * int(math.ceil(pixel_size * box / res)) if res > 0 else current_size
     return int(min(current_size, max(size, 8)))
@@ -420,24 +421,25 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
                 failed=res.fine.failed | res.coarse.failed)
 
 
-def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
-    """E-step and M-step sums of one chunk against all classes (see the module docstring)."""
+#: memory budget (bytes) of the shifted images of one batch of particles inside a chunk task
+BATCH_BYTES = 1 << 28
+
+
+def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
+    """Particles scored at once: the fine shifted images (masked, unmasked and the scoring copy, complex64)
+    of a batch stay within ``budget``."""
+    return max(1, int(budget // max(1, 3 * 8 * n_trans * n_pixels)))
+
+
+def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray, n_optics: int,
+                       seed_class: np.ndarray | None, old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
+                       bps: list[Any], acc: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
     from cryodask.em.estep import mstep_sums, precompute_shifted
-    from cryodask.em.state import iteration_rng
-    from cryodask.ops.backproject import BackProjector
 
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
-    n = len(inp.index)
     nsh = box // 2 + 1
-    r_max = setup.current_size / 2.0
-    rng = iteration_rng(setup.random_seed, setup.iteration, 1000 + inp.chunk)
-    ft, mft = prepare_images(np.asarray(images), inp.origins_px, pixel_size=apix,
-                             particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
-                             zero_mask=setup.zero_mask, rng=rng)
-    ctf_full = _ctf_of(inp, box, apix, setup.do_ctf)
-    px = _pixels(box, r_max, ft, mft, ctf_full, setup.sigma2_noise, inp.optics)
-    old = np.asarray(inp.origins_px, np.float64)
-
+    px = _pixels(box, setup.current_size / 2.0, ft, mft, ctf_full, setup.sigma2_noise, optics)
     # first iteration: every reference is the average; one random class per particle (RELION's seeds)
     seeds = setup.generate_seeds
     n_score = 1 if seeds else K
@@ -446,14 +448,14 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         with np.errstate(divide="ignore"):
             lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
     if setup.oversampling > 0:
-        s = _two_pass(setup, ft, mft, ctf_full, inp.optics, px, old, n_score, lpo)
+        s = _two_pass(setup, ft, mft, ctf_full, optics, px, old, n_score, lpo)
     else:
         s = _single_pass(setup, px, old, n_score, lpo)
     if bool(np.any(s["failed"])):
-        bad = inp.index[np.flatnonzero(s["failed"])[0]] + 1
+        bad = index[np.flatnonzero(s["failed"])[0]] + 1
         raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
                                            "pixel size, --particle_diameter and the CTF parameters")
-    best_class = np.asarray(inp.seed_class, np.int64) if seeds else np.asarray(s["best_class"], np.int64)
+    best_class = np.asarray(seed_class, np.int64) if seeds else np.asarray(s["best_class"], np.int64)
 
     T = s["T"]
     n_t = len(T)
@@ -462,11 +464,7 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
     d2 = _offset_d2(old, T, setup.prior_offsets, apix)
     flat, shell = px["flat"], px["shell"]
     half_shape = (box, box // 2 + 1)
-    bps, sigma2_sum = [], np.zeros((inp.n_optics, nsh))
-    class_weight, offset_sum, sig_off = np.zeros(K), np.zeros((K, 2)), 0.0
     for k in range(K):
-        bp = BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2)
-        bps.append(bp)
         if seeds:
             w, sig, Pk, psi_k = s["blocks"][0]
             sel = (best_class == k)[:, None, None]
@@ -477,22 +475,60 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         if w.shape[1] == 0 or not bool((w * sig).any()):
             continue
         sums = mstep_sums(w, Xu_s, Pk, ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s,
-                          significant=sig, group=inp.optics, n_groups=inp.n_optics, offset_diff2=d2[:, k, :])
+                          significant=sig, group=optics, n_groups=n_optics, offset_diff2=d2[:, k, :])
         m = len(sums.orientations)
         slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
         weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
         slices[:, flat] = sums.data
         weights[:, flat] = sums.weight
-        bp.insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sums.orientations)],
-                  weights=weights.reshape((m,) + half_shape))
-        for g in range(inp.n_optics):
-            sigma2_sum[g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
-                                         minlength=nsh)[:nsh]
-        class_weight[k] = sums.class_weight
+        bps[k].insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sums.orientations)],
+                      weights=weights.reshape((m,) + half_shape))
+        for g in range(n_optics):
+            acc["sigma2_sum"][g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
+                                                minlength=nsh)[:nsh]
+        acc["class_weight"][k] += sums.class_weight
         tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
-        offset_sum[k] = tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
-        sig_off += sums.sigma2_offset
-    del Xu_s, Xm_s
+        acc["offset_sum"][k] += tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
+        acc["sigma2_offset"] += sums.sigma2_offset
+    return dict(class_number=best_class + 1, psi=np.asarray(s["best_psi"], np.float64),
+                origins_px=old + np.asarray(s["best_t"]), pmax=np.asarray(s["pmax"], np.float64),
+                n_significant=np.asarray(s["n_significant"], np.int64),
+                log_likelihood=np.asarray(s["log_likelihood"], np.float64))
+
+
+def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
+    """E-step and M-step sums of one chunk against all classes (see the module docstring).
+
+    The chunk is scored in batches of :func:`batch_size` particles, so the task's memory follows
+    the budget, not the chunk size; the sums of all batches go into the same accumulators.
+    """
+    from cryodask.em.state import iteration_rng
+    from cryodask.geometry.shifts import n_translations
+    from cryodask.ops.backproject import BackProjector
+    from cryodask.ops.project import slice_pixels
+
+    box, apix, K = setup.box, setup.pixel_size, setup.n_classes
+    n = len(inp.index)
+    nsh = box // 2 + 1
+    r_max = setup.current_size / 2.0
+    rng = iteration_rng(setup.random_seed, setup.iteration, 1000 + inp.chunk)
+    ft, mft = prepare_images(np.asarray(images), inp.origins_px, pixel_size=apix,
+                             particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
+                             zero_mask=setup.zero_mask, rng=rng)
+    ctf_full = _ctf_of(inp, box, apix, setup.do_ctf)
+    old = np.asarray(inp.origins_px, np.float64)
+    bps = [BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2) for _ in range(K)]
+    acc: dict[str, Any] = dict(sigma2_sum=np.zeros((inp.n_optics, nsh)), class_weight=np.zeros(K),
+                               offset_sum=np.zeros((K, 2)), sigma2_offset=0.0)
+    nb = batch_size(n_translations(setup.offset_range, setup.offset_step, setup.oversampling),
+                    len(slice_pixels(box, r_max)[0]))
+    parts = []
+    for b0 in range(0, n, nb):
+        sl = slice(b0, min(n, b0 + nb))
+        parts.append(_expectation_batch(ft[sl], mft[sl], ctf_full[sl], inp.optics[sl], inp.n_optics,
+                                        None if inp.seed_class is None else inp.seed_class[sl], old[sl],
+                                        inp.index[sl], setup, bps, acc))
+    res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
     shell_all, _ = _half_pixels(box)
     p2 = mft.reshape(n, -1)
@@ -506,14 +542,11 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         if sel.any():
             power_sum[g] = np.bincount(shell_all[ok], weights=p2[sel][:, ok].sum(axis=0), minlength=nsh)[:nsh]
 
-    ll = np.asarray(s["log_likelihood"], np.float64)
-    pmax = np.asarray(s["pmax"], np.float64)
-    sums = Class2DSums(bp=bps, sigma2_sum=sigma2_sum, power_sum=power_sum, n_particles=n_particles,
-                       class_weight=class_weight, offset_sum=offset_sum, sigma2_offset=float(sig_off),
-                       log_likelihood=float(ll.sum()), pmax_sum=float(pmax.sum()))
-    return ChunkOutput(sums=sums, index=np.asarray(inp.index), class_number=best_class + 1,
-                       psi=np.asarray(s["best_psi"], np.float64), origins_px=old + np.asarray(s["best_t"]),
-                       pmax=pmax, n_significant=np.asarray(s["n_significant"], np.int64), log_likelihood=ll)
+    sums = Class2DSums(bp=bps, sigma2_sum=acc["sigma2_sum"], power_sum=power_sum, n_particles=n_particles,
+                       class_weight=acc["class_weight"], offset_sum=acc["offset_sum"],
+                       sigma2_offset=float(acc["sigma2_offset"]), log_likelihood=float(res["log_likelihood"].sum()),
+                       pmax_sum=float(res["pmax"].sum()))
+    return ChunkOutput(sums=sums, index=np.asarray(inp.index), **res)
 
 
 def class_accumulator(total: Class2DSums, k: int) -> Any:

@@ -90,7 +90,8 @@ def view_matches(classes: np.ndarray, class_number: np.ndarray, view: np.ndarray
 
 
 def class_purity(class_number: np.ndarray, view: np.ndarray) -> float:
-    """Smallest share of a class's particles that come from its most common view (classes with ≥ 5% of the particles)."""
+    """Smallest share of a class's particles that come from its most common view (classes with ≥ 5% of the
+    particles)."""
     out = 1.0
     for c in np.unique(class_number):
         sel = class_number == c
@@ -109,9 +110,9 @@ def test_fine_sampling_grid():
 
 @pytest.mark.slow
 def test_class2d_sorts_views(tmp_path, monkeypatch):
-    """K=10 on 300 particles from 5 views (SNR 0.8, CTF, random psi, shifts; two-pass search): every class is pure (≥ 0.9 of its
-    particles from one view), every view goes mostly to one class, and that class's average matches the view
-    (high-passed correlation ≥ 0.75, ≥ 0.15 above its correlation with any other view)."""
+    """K=10 on 300 particles from 5 views (SNR 0.8, CTF, random psi, shifts; two-pass search): every class is pure
+    (≥ 0.9 of its particles from one view), every view goes mostly to one class, and that class's average matches
+    the view (high-passed correlation ≥ 0.75, ≥ 0.15 above its correlation with any other view)."""
     from cryodask.em.class2d import class2d
     from cryodask.io.star import read_particles, read_star
 
@@ -182,7 +183,8 @@ def test_class2d_outputs_read_by_relion(tmp_path, relion, monkeypatch):
 def test_class2d_bad_options(tmp_path, opt):
     _simulate(tmp_path, n=10)
     r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", str(tmp_path / "p.star"), "--o",
-                        str(tmp_path / "run"), "--K", "2", *opt], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                        str(tmp_path / "run"), "--K", "2", *opt], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cryodask: error: {opt[0]}:"), r.stderr
@@ -282,3 +284,35 @@ def test_class2d_continues_a_relion_run(tmp_path, relion, monkeypatch):
     assert same >= rel_same - 0.1, (same, rel_same)
     assert res.history[-1]["ave_pmax"] >= 0.5 * rel_pmax, (res.history[-1]["ave_pmax"], rel_pmax)
     assert float(read_star("C/run_it004_sampling.star")["sampling_general"]["rlnOffsetRange"]) == pytest.approx(8.0)
+
+
+def test_chunk_in_batches_equals_one_batch(tmp_path, monkeypatch):
+    """A chunk scored a few particles at a time (the memory budget) sums to what one batch gives."""
+    import cryodask.em.class2d as c2d
+    from cryodask.io.mrc import write_stack
+    from cryodask.ops.ctf import ctf_params
+    from cryodask.io.star import read_particles
+
+    view, truth, img = _simulate(tmp_path, n=30, snr=0.3, seed=4)
+    refs = tmp_path / "refs.mrcs"
+    write_stack(refs, truth[:3], APIX)
+    table = read_particles(tmp_path / "p.star")
+    n = len(img)
+    setup = c2d.Class2DSetup(iteration=2, box=BOX, pixel_size=APIX, pad=2, n_classes=3, current_size=24,
+                             references=str(refs), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / 1.3 / 2048),
+                             class_fractions=np.array([0.5, 0.3, 0.2]), prior_offsets=np.zeros((3, 2)),
+                             sigma_offset=6.0, psi_step=20, offset_range=2, offset_step=1, oversampling=1,
+                             coarse_size=16, particle_diameter=110, zero_mask=True, do_ctf=True)
+    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=np.zeros((n, 2)), optics=np.zeros(n, np.int64),
+                         n_optics=1, ctf=ctf_params(table))
+    one = c2d.expectation_chunk(img, inp, setup)
+    monkeypatch.setattr(c2d, "BATCH_BYTES", 1)  # one particle per batch
+    many = c2d.expectation_chunk(img, inp, setup)
+    assert np.array_equal(one.class_number, many.class_number) and np.allclose(one.psi, many.psi)
+    assert np.allclose(one.pmax, many.pmax, atol=1e-5)
+    for a, b in zip(one.sums.bp, many.sums.bp):
+        assert np.allclose(a.data, b.data, rtol=1e-4, atol=1e-6 * np.abs(a.data).max())
+        assert np.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-6 * a.weight.max())
+    assert np.allclose(one.sums.sigma2_sum, many.sums.sigma2_sum, rtol=1e-4)
+    assert np.allclose(one.sums.class_weight, many.sums.class_weight, rtol=1e-5)
+    assert one.sums.class_weight.sum() == pytest.approx(n, rel=1e-3)  # the significant samples hold ≥ 0.999
