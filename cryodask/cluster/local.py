@@ -34,7 +34,7 @@ def local_client(n_workers: int | None = None, *, threads: int | None = None, me
                           "distributed.nanny.pre-spawn-environ": env,
                           "logging.distributed": "error" if quiet else "info"}):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                               memory_limit=memory_limit, dashboard_address=":0" if dashboard else None,
+                               memory_limit=memory_limit, dashboard_address=":0",  # a free port: never clash on 8787
                                silence_logs=40 if quiet else 20)
         try:
             with Client(cluster) as client:
