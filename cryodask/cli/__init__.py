@@ -29,6 +29,19 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def command_line(args: argparse.Namespace, command: str) -> str:
+    """The options of ``args`` as a ``cryodask <command> ...`` line (the first line of each _optimiser.star)."""
+    import shlex
+
+    words = ["cryodask", command]
+    for k, v in vars(args).items():
+        if k.startswith("_") or k == "command" or v is None or v is False:
+            continue
+        name = "--continue" if k == "continue_from" else f"--{k}"
+        words += [name] if v is True else [name, shlex.quote(str(v))]
+    return " ".join(words)
+
+
 def _load(name: str):
     return importlib.import_module(COMMANDS[name])
 

@@ -22,7 +22,6 @@ Examples
 from __future__ import annotations
 
 import argparse
-import shlex
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -52,25 +51,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    """The options as a command line (stored as the first line of each _optimiser.star)."""
-    words = ["cryodask", "class2d"]
-    for k, v in vars(args).items():
-        if k.startswith("_") or k == "command" or v is None or v is False:
-            continue
-        name = "--continue" if k == "continue_from" else f"--{k}"
-        words += [name] if v is True else [name, shlex.quote(str(v))]
-    return " ".join(words)
-
-
 def main(args: argparse.Namespace) -> int:
+    from cryodask.cli import command_line
     from cryodask.em.class2d import class2d
 
     res = class2d(args.i, args.o, K=args.K, iter=args.iter, psi_step=args.psi_step, offset_range=args.offset_range,
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
                   particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
                   random_seed=args.random_seed, pool=args.pool, j=args.j, n_workers=args.workers,
-                  continue_from=args.continue_from, command_line=_command_line(args))
+                  continue_from=args.continue_from, command_line=command_line(args, "class2d"))
     fr = ", ".join(f"{f:.2f}" for f in res.class_fractions)
     print(f"class2d: {res.iterations} iterations; class fractions {fr}; "
           f"classes {res.output_root}_it{res.iterations:03d}_classes.mrcs")

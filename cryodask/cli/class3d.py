@@ -45,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from cryodask.cli.refine3d import _command_line
+    from cryodask.cli import command_line
     from cryodask.em.class3d import class3d
 
     res = class3d(args.i, args.o, args.ref, K=args.K, ini_high=args.ini_high,
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
                   sym=args.sym, ctf=args.ctf, pad=args.pad, tau2_fudge=args.tau2_fudge, zero_mask=args.zero_mask,
                   flatten_solvent=args.flatten_solvent, iter=args.iter, random_seed=args.random_seed,
                   pool=args.pool, j=args.j, n_workers=args.workers,
-                  command_line=_command_line(args).replace("refine3d", "class3d", 1))
+                  command_line=command_line(args, "class3d"))
     print(f"class3d: {res.iterations} iterations; class fractions "
           f"{', '.join(f'{f:.3f}' for f in res.class_fractions)}")
     return 0

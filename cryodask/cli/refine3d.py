@@ -19,7 +19,6 @@ Examples
 from __future__ import annotations
 
 import argparse
-import shlex
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -61,18 +60,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
 
 
-def _command_line(args: argparse.Namespace) -> str:
-    """The options as a command line (stored as the first line of each _optimiser.star)."""
-    words = ["cryodask", "refine3d"]
-    for k, v in vars(args).items():
-        if k.startswith("_") or k == "command" or v is None or v is False:
-            continue
-        name = "--continue" if k == "continue_from" else f"--{k}"
-        words += [name] if v is True else [name, shlex.quote(str(v))]
-    return " ".join(words)
-
-
 def main(args: argparse.Namespace) -> int:
+    from cryodask.cli import command_line
     from cryodask.em.refine3d import refine3d
     from cryodask.errors import UserError
 
@@ -87,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
                    random_seed=args.random_seed, pool=args.pool, j=args.j, skip_gridding=not args.dont_skip_gridding,
                    incr_size=args.incr_size, perturb=args.perturb, adaptive_fraction=args.adaptive_fraction,
                    auto_iter_max=args.auto_iter_max, n_workers=args.workers, continue_from=args.continue_from,
-                   command_line=_command_line(args))
+                   command_line=command_line(args, "refine3d"))
     print(f"refine3d: {res.iterations} iterations; gold-standard resolution {res.resolution:.2f} Å; "
           f"map {res.output_root}_class001.mrc")
     return 0
