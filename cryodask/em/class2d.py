@@ -720,20 +720,17 @@ class _Run:
         self.client, self.particles, self.o, self.log = client, particles, opts, log
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
-        table = particles.table
-        self.optics = table.optics.reset_index(drop=True)
-        self.parts = table.particles.copy().reset_index(drop=True)
-        groups = self.optics["rlnOpticsGroup"].to_numpy()
-        lookup = {int(g): i for i, g in enumerate(groups)}
-        self.optics_index = np.array([lookup.get(int(g), 0) for g in self.parts["rlnOpticsGroup"]], np.int64)
-        self.n_opt = len(groups)
+        from cryodask.em.iteration import optics_tables
+
+        self.optics, self.parts, self.optics_index = optics_tables(particles.table)
+        self.n_opt = len(self.optics)
         self.n = len(self.parts)
         self.K = opts["K"]
         if opts["particle_diameter"] <= 0:
             opts["particle_diameter"] = (self.box - 2 * opts["width_mask_edge"]) * self.apix
         if self.K > self.n:
             raise UserError("--K", f"{self.K} classes for {self.n} particles: give fewer classes than particles")
-        names = [str(s) for s in self.optics.get("rlnOpticsGroupName", [f"opticsGroup{g}" for g in groups])]
+        names = [str(s) for s in self.optics.get("rlnOpticsGroupName", [f"opticsGroup{g}" for g in self.optics["rlnOpticsGroup"]])]
         self.model = Model(ori_size=self.box, pixel_size=self.apix, n_classes=self.K, n_optics_groups=self.n_opt,
                            pad=opts["pad"], tau2_fudge=opts["tau2_fudge"], optics_group_names=names,
                            current_size=self.box, sigma_offset=10.0)

@@ -136,6 +136,19 @@ class ChunkResult:
     class_number: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+def optics_tables(table: Any) -> tuple[Any, Any, np.ndarray]:
+    """(optics, particles, optics index per particle) with fresh row numbers, for a job's driver.
+
+    The index is the row of each particle's ``rlnOpticsGroup`` in the optics table
+    (the STAR reader has already refused particles of undefined groups).
+    """
+    optics = table.optics.reset_index(drop=True)
+    parts = table.particles.copy().reset_index(drop=True)
+    lookup = {int(g): i for i, g in enumerate(optics["rlnOpticsGroup"].to_numpy())}
+    index = np.array([lookup.get(int(g), 0) for g in parts["rlnOpticsGroup"]], np.int64)
+    return optics, parts, index
+
+
 def sum_accumulators(*parts: Any) -> Accumulators:
     """Add Accumulators (or ChunkResults' accumulators) together; a tree-reduction step."""
     accs = [p.acc if isinstance(p, ChunkResult) else p for p in parts]

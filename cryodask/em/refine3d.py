@@ -90,13 +90,10 @@ class _Run:
         self.o = opts
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
-        table = particles.table
-        self.optics = table.optics.reset_index(drop=True)
-        self.parts = table.particles.copy().reset_index(drop=True)
-        groups = self.optics["rlnOpticsGroup"].to_numpy()
-        lookup = {int(g): i for i, g in enumerate(groups)}
-        self.optics_index = np.array([lookup.get(int(g), 0) for g in self.parts["rlnOpticsGroup"]], np.int64)
-        self.n_opt = len(groups)
+        from cryodask.em.iteration import optics_tables
+
+        self.optics, self.parts, self.optics_index = optics_tables(particles.table)
+        self.n_opt = len(self.optics)
         n = len(self.parts)
         self.state = OptimiserState()
         self.models = [Model(ori_size=self.box, pixel_size=self.apix, n_optics_groups=self.n_opt,
