@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryodask.cluster.client import add_execution_args
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("input and output")
@@ -47,19 +49,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
-    g.add_argument("--j", type=int, default=1, help="threads per worker (default 1)")
-    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    add_execution_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from cryodask.cli import command_line
+    from cryodask.cluster.job import execution_keywords
     from cryodask.em.class2d import class2d
 
     res = class2d(args.i, args.o, K=args.K, iter=args.iter, psi_step=args.psi_step, offset_range=args.offset_range,
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
                   particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
-                  random_seed=args.random_seed, pool=args.pool, j=args.j, n_workers=args.workers,
-                  continue_from=args.continue_from, command_line=command_line(args, "class2d"))
+                  random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
+                  command_line=command_line(args, "class2d"), **execution_keywords(vars(args)))
     fr = ", ".join(f"{f:.2f}" for f in res.class_fractions)
     print(f"class2d: {res.iterations} iterations; class fractions {fr}; "
           f"classes {res.output_root}_it{res.iterations:03d}_classes.mrcs")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryodask.cluster.client import add_execution_args
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("input and output")
@@ -40,12 +42,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
-    g.add_argument("--j", type=int, default=1, help="threads per worker (default 1)")
-    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    add_execution_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from cryodask.cli import command_line
+    from cryodask.cluster.job import execution_keywords
     from cryodask.em.class3d import class3d
 
     res = class3d(args.i, args.o, args.ref, K=args.K, ini_high=args.ini_high,
@@ -53,8 +55,7 @@ def main(args: argparse.Namespace) -> int:
                   offset_range=args.offset_range, offset_step=args.offset_step, oversampling=args.oversampling,
                   sym=args.sym, ctf=args.ctf, pad=args.pad, tau2_fudge=args.tau2_fudge, zero_mask=args.zero_mask,
                   flatten_solvent=args.flatten_solvent, iter=args.iter, random_seed=args.random_seed,
-                  pool=args.pool, j=args.j, n_workers=args.workers,
-                  command_line=command_line(args, "class3d"))
+                  pool=args.pool, command_line=command_line(args, "class3d"), **execution_keywords(vars(args)))
     print(f"class3d: {res.iterations} iterations; class fractions "
           f"{', '.join(f'{f:.3f}' for f in res.class_fractions)}")
     return 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryodask.cluster.client import add_execution_args
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("input and output")
@@ -56,12 +58,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dont_skip_gridding", action="store_true", help="RELION 3.1's iterative gridding weights")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
-    g.add_argument("--j", type=int, default=1, help="threads per worker (default 1)")
-    g.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    add_execution_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from cryodask.cli import command_line
+    from cryodask.cluster.job import execution_keywords
     from cryodask.em.refine3d import refine3d
     from cryodask.errors import UserError
 
@@ -73,10 +75,10 @@ def main(args: argparse.Namespace) -> int:
                    sym=args.sym, ctf=args.ctf, pad=args.pad, tau2_fudge=args.tau2_fudge,
                    firstiter_cc=args.firstiter_cc, low_resol_join_halves=args.low_resol_join_halves,
                    zero_mask=args.zero_mask, flatten_solvent=args.flatten_solvent, iter=args.iter,
-                   random_seed=args.random_seed, pool=args.pool, j=args.j, skip_gridding=not args.dont_skip_gridding,
+                   random_seed=args.random_seed, pool=args.pool, skip_gridding=not args.dont_skip_gridding,
                    incr_size=args.incr_size, perturb=args.perturb, adaptive_fraction=args.adaptive_fraction,
-                   auto_iter_max=args.auto_iter_max, n_workers=args.workers, continue_from=args.continue_from,
-                   command_line=command_line(args, "refine3d"))
+                   auto_iter_max=args.auto_iter_max, continue_from=args.continue_from,
+                   command_line=command_line(args, "refine3d"), **execution_keywords(vars(args)))
     print(f"refine3d: {res.iterations} iterations; gold-standard resolution {res.resolution:.2f} Å; "
           f"map {res.output_root}_class001.mrc")
     return 0

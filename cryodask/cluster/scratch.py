@@ -460,7 +460,7 @@ def chunk_owners(n_chunks: int, workers: Sequence[str], *, parallel_disc_io: boo
 def chunk_futures(client, particles: PathLike | ParticleStore | StarParticles, *,
                   scratch_dir: PathLike | None = None, job_id: str | None = None, keep_free_gb: float = 10,
                   reuse: bool = False, preread: bool = False, parallel_disc_io: bool = True,
-                  run_id: str | None = None, partial: bool = False) -> list:
+                  run_id: str | None = None, partial: bool = False, owners: Sequence[str] | None = None) -> list:
     """Futures of every chunk (float32 ``(n_i, B, B)``), read on pinned workers.
 
     Call it once per iteration; with ``preread`` the second call is served from the
@@ -490,6 +490,10 @@ def chunk_futures(client, particles: PathLike | ParticleStore | StarParticles, *
     run_id
         Shared by the staging tasks of every iteration of one run; default: the
         scheduler's id plus ``job_id``.
+    owners
+        The worker that reads (and stages) each chunk; default: :func:`chunk_owners`
+        over the workers there now. A job passes the same map every iteration
+        (:class:`cryodask.cluster.job.JobSession`) so that chunks stay where they are.
 
     Returns
     -------
@@ -511,7 +515,10 @@ def chunk_futures(client, particles: PathLike | ParticleStore | StarParticles, *
     if not workers:
         client.wait_for_workers(1)
         workers = list(client.scheduler_info()["workers"])
-    owners = chunk_owners(particles.n_chunks, workers, parallel_disc_io=parallel_disc_io)
+    if owners is None:
+        owners = chunk_owners(particles.n_chunks, workers, parallel_disc_io=parallel_disc_io)
+    elif len(owners) != particles.n_chunks:
+        raise ValueError(f"owners names {len(owners)} workers for {particles.n_chunks} chunks")
     tag = uuid.uuid4().hex[:8]
 
     staged: dict[str, Any] = {}

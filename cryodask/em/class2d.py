@@ -39,7 +39,6 @@ in the graph.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -590,8 +589,7 @@ def _column(parts: pd.DataFrame, label: str, default: float) -> np.ndarray:
 
 
 def _check_options(K: int, iter: int, psi_step: float, offset_range: float, offset_step: float, oversampling: int,
-                   tau2_fudge: float, particle_diameter: float, pad: float, pool: int | None, j: int,
-                   n_workers: int | None) -> None:
+                   tau2_fudge: float, particle_diameter: float, pad: float, pool: int | None) -> None:
     checks = [
         (K >= 1, "--K", f"{K} classes: give at least 1 (e.g. --K 50)"),
         (iter >= 1, "--iter", f"{iter} iterations: give at least 1 (RELION's GUI uses 25)"),
@@ -603,8 +601,6 @@ def _check_options(K: int, iter: int, psi_step: float, offset_range: float, offs
         (tau2_fudge > 0, "--tau2_fudge", f"{tau2_fudge} must be positive (RELION's GUI uses 2 for Class2D)"),
         (pad in (1, 2), "--pad", f"{pad}: give 1 or 2"),
         (pool is None or pool >= 1, "--pool", f"{pool}: give a positive number of particles per task"),
-        (j >= 1, "--j", f"{j}: give a positive number of threads"),
-        (n_workers is None or n_workers >= 1, "--workers", f"{n_workers}: give a positive number of workers"),
         (particle_diameter == -1 or particle_diameter > 0, "--particle_diameter",
          f"{particle_diameter} must be positive (Å), or -1 for the box"),
     ]
@@ -613,11 +609,16 @@ def _check_options(K: int, iter: int, psi_step: float, offset_range: float, offs
             raise UserError(where_, what)
 
 
-def class2d(particles: Any, o: str | Path, *, K: int | None = None, iter: int = 25, psi_step: float = -1.0,
+def class2d(particles: Any, o: str | Path, *,
+            use_gpu: bool = False, gpu: str | None = None, gpu_list: str | None = None, j: int | None = None,
+            workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
+            scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
+            reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+            client: Any = None, K: int | None = None, iter: int = 25, psi_step: float = -1.0,
             offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
             particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
             pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
-            pool: int | None = None, j: int = 1, client: Any = None, n_workers: int | None = None,
+            pool: int | None = None,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class2DResult:
     """2D classification; RELION's option names as keyword arguments.
 
@@ -651,10 +652,11 @@ def class2d(particles: Any, o: str | Path, *, K: int | None = None, iter: int = 
         Same seed, same result.
     pool
         Particles per chunk task when ``particles`` is a STAR file (default: the store's chunking).
-    j
-        Threads per worker of the local cluster.
+    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
+        Where and how the job runs, as on the command line (the execution options,
+        :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
     client
-        A ``distributed.Client``; default: a local cluster of ``n_workers`` workers for the duration of the call.
+        A ``distributed.Client`` to run on instead (left open at the end).
     continue_from
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``). The classes, the
         model, the particles' offsets and the options that shape the run (K, sampling, mask, CTF,
@@ -685,7 +687,7 @@ def class2d(particles: Any, o: str | Path, *, K: int | None = None, iter: int = 
     if K is None:
         raise UserError("--K", "give the number of classes (e.g. --K 50), or --continue an earlier run")
     _check_options(K, iter, psi_step, offset_range, offset_step, oversampling, tau2_fudge, particle_diameter, pad,
-                   pool, j, n_workers)
+                   pool)
     from cryodask.io.store import open_particles
 
     if isinstance(particles, (str, os.PathLike)):
@@ -702,22 +704,23 @@ def class2d(particles: Any, o: str | Path, *, K: int | None = None, iter: int = 
                 adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
                 command_line=command_line, pool=pool,
                 continue_from=None if continue_from is None else str(continue_from))
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            from cryodask.cluster.local import local_client
+    from cryodask.cluster.job import job_session
 
-            client = stack.enter_context(local_client(n_workers, threads=j))
-        return _Run(client, parts_obj, opts, log or (lambda *a, **k: None)).run()
+    with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
+                     cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
+                     keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+        return _Run(session, parts_obj, opts, log or (lambda *a, **k: None)).run()
 
 
 class _Run:
     """The driver's state of one classification."""
 
-    def __init__(self, client: Any, particles: Any, opts: dict[str, Any], log: Any) -> None:
+    def __init__(self, session: Any, particles: Any, opts: dict[str, Any], log: Any) -> None:
         from cryodask.em.model import Model
         from cryodask.em.state import OptimiserState
 
-        self.client, self.particles, self.o, self.log = client, particles, opts, log
+        self.session, self.client, self.particles, self.o, self.log = session, session.client, particles, opts, log
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
         from cryodask.em.iteration import optics_tables
@@ -772,9 +775,7 @@ class _Run:
                           seed_class=None if seed_class is None else seed_class[sl])
 
     def _chunks(self) -> list[Any]:
-        from cryodask.cluster.scratch import chunk_futures
-
-        return chunk_futures(self.client, self.particles)
+        return self.session.chunk_futures(self.particles)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Class2DResult:
@@ -902,7 +903,7 @@ class _Run:
                              adaptive_fraction=o["adaptive_fraction"])
         outs = []
         for i, (fut, sl) in enumerate(zip(images, self.particles.chunk_slices(), strict=True)):
-            outs.append(c.submit(expectation_chunk, fut, self.chunk_input(i, sl, seeds), setup, pure=False,
+            outs.append(self.session.submit_scoring(expectation_chunk, fut, self.chunk_input(i, sl, seeds), setup, pure=False,
                                  key=f"class2d-estep-{it}-{i}-{fut.key}"))
             # the references travel as a file: nothing big is embedded in the graph
         per_particle = [c.submit(particle_part, f, pure=False) for f in outs]

@@ -14,7 +14,6 @@ Not yet: ``--skip_align`` with a focus mask, local searches, learnt direction pr
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +62,23 @@ def _small(acc):
     return replace(acc, bp=[])
 
 
-def class3d(i: str | Path, o: str | Path, ref: str | Path, *, K: int = 2, ini_high: float = -1.0,
+def class3d(i: str | Path, o: str | Path, ref: str | Path, *,
+            use_gpu: bool = False, gpu: str | None = None, gpu_list: str | None = None, j: int | None = None,
+            workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
+            scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
+            reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+            client: Any = None, K: int = 2, ini_high: float = -1.0,
             particle_diameter: float = -1.0, healpix_order: int = 2, offset_range: float = 6.0,
             offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False, pad: float = 2,
             tau2_fudge: float = 4.0, zero_mask: bool = False, flatten_solvent: bool = False, iter: int = 25,
-            random_seed: int = 0, pool: int | None = None, j: int = 1, skip_gridding: bool = True,
-            incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999, client: Any = None,
-            n_workers: int | None = None, command_line: str = "", log: Any = print) -> Class3DResult:
-    """3D classification into ``K`` classes; RELION's option names as keyword arguments (see the module doc)."""
+            random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
+            incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
+            command_line: str = "", log: Any = print) -> Class3DResult:
+    """3D classification into ``K`` classes; RELION's option names as keyword arguments (see the module doc).
+
+    The execution options (``use_gpu`` … ``no_parallel_disc_io``) say where the job runs, as
+    on the command line (:mod:`cryodask.cluster.client`); ``client`` runs it on an existing client.
+    """
     if K < 1:
         raise UserError("--K", f"{K} classes: give at least 1")
     opts = dict(i=str(i), o=str(o), ref=str(ref), K=int(K), ini_high=ini_high, particle_diameter=particle_diameter,
@@ -84,16 +92,16 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path, *, K: int = 2, ini_hi
 
     _check_inputs(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            from cryodask.cluster.local import local_client
+    from cryodask.cluster.job import job_session
 
-            client = stack.enter_context(local_client(n_workers, threads=j))
-        return _classify(client, opts, log or (lambda *a, **k: None))
+    with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
+                     cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
+                     keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+        return _classify(session, opts, log or (lambda *a, **k: None))
 
 
-def _classify(client, opts, log) -> Class3DResult:
-    from cryodask.cluster.scratch import chunk_futures
+def _classify(session, opts, log) -> Class3DResult:
     from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sum_accumulators
     from cryodask.em.model import Model, write_model
     from cryodask.em.refine3d import (_Run, _all_shells, _column, _initial_sigma2, _last_shell_ssnr, _open,
@@ -106,7 +114,8 @@ def _classify(client, opts, log) -> Class3DResult:
     from cryodask.ops.filters import low_pass_filter
 
     particles = _open(opts)
-    run = _Run(client, particles, opts)
+    run = _Run(session, particles, opts)
+    client = session.client
     K, box, apix = opts["K"], run.box, run.apix
     nsh = box // 2 + 1
     vol, _ = read_map(opts["ref"])
@@ -156,8 +165,8 @@ def _classify(client, opts, log) -> Class3DResult:
             do_ctf=st.do_ctf_correction, random_seed=st.random_seed, split_halves=False,
             class_fractions=list(model.class_fractions), random_classes=(it == 1 and K > 1), n_acc_particles=0)
         tau2_f = [client.submit(_power_spectrum, setup.reference_paths[k], model.pad, pure=False) for k in range(K)]
-        futs = chunk_futures(client, run.particles)
-        results = [client.submit(expectation_chunk, f, run.chunk_meta(sl), setup, pure=False,
+        futs = session.chunk_futures(run.particles)
+        results = [session.submit_scoring(expectation_chunk, f, run.chunk_meta(sl), setup, pure=False,
                                  key=f"class3d-it{it:03d}-{n}-{f.key}")
                    for n, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True))]
         per_particle = [client.submit(particle_results, r, pure=False) for r in results]

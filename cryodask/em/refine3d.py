@@ -19,7 +19,6 @@ one class (``K = 1``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,11 +80,12 @@ def _column(parts: pd.DataFrame, label: str, default: float) -> np.ndarray:
 class _Run:
     """The driver's state of one refinement."""
 
-    def __init__(self, client, particles, opts: dict[str, Any]):
+    def __init__(self, session, particles, opts: dict[str, Any]):
         from cryodask.em.model import Model
         from cryodask.em.state import OptimiserState
 
-        self.client = client
+        self.session = session
+        self.client = session.client
         self.particles = particles
         self.o = opts
         self.box = int(particles.box)
@@ -181,16 +181,21 @@ def _solvent_flatten(vol: np.ndarray, particle_diameter: float, apix: float, wid
     return (vol * spherical_mask(box, r, width=width, ndim=3, dtype=np.float32)).astype(np.float32)
 
 
-def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *, ini_high: float = -1.0,
+def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
+             use_gpu: bool = False, gpu: str | None = None, gpu_list: str | None = None, j: int | None = None,
+             workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
+             scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
+             reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+             client: Any = None, ini_high: float = -1.0,
              particle_diameter: float = -1.0, healpix_order: int = 2, offset_range: float = 6.0,
              offset_step: float = 2.0, oversampling: int = 1, auto_local_healpix_order: int = 4, sym: str = "C1",
              ctf: bool = False, pad: float | None = None, tau2_fudge: float | None = None,
              firstiter_cc: bool = False,
              low_resol_join_halves: float = -1.0, zero_mask: bool = False, flatten_solvent: bool = False,
-             iter: int | None = None, random_seed: int = 0, pool: int | None = None, j: int = 1,
+             iter: int | None = None, random_seed: int = 0, pool: int | None = None,
              skip_gridding: bool = True, incr_size: int = 10, perturb: float = 0.5,
-             adaptive_fraction: float = 0.999, auto_iter_max: int = 999, client: Any = None,
-             n_workers: int | None = None, continue_from: str | Path | None = None, command_line: str = "",
+             adaptive_fraction: float = 0.999, auto_iter_max: int = 999,
+             continue_from: str | Path | None = None, command_line: str = "",
              log: Any = print) -> Refine3DResult:
     """Gold-standard auto-refinement; RELION's option names as keyword arguments.
 
@@ -207,11 +212,13 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *, ini
     iter
         Hard stop: at most this many iterations before the final joined one (default:
         RELION's convergence rules, ``auto_iter_max``).
+    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
+        Where and how the job runs, as on the command line (the execution options,
+        :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
+    client
+        A ``distributed.Client`` to run on instead (left open at the end).
     pool
         Particles per chunk task when ``i`` is a STAR file (default: the store's chunking).
-    client
-        A ``distributed.Client``; default: a local cluster of ``n_workers`` single-threaded
-        workers for the duration of the call (``j`` threads each).
     continue_from
         An ``_itNNN_optimiser.star`` of an earlier run to resume (``--continue``).
 
@@ -233,13 +240,13 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *, ini
 
     _check_inputs(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            from cryodask.cluster.local import local_client
+    from cryodask.cluster.job import job_session
 
-            # hook: cryodask.cluster.client.execution_client(...) will replace this
-            client = stack.enter_context(local_client(n_workers, threads=j))
-        return _refine(client, opts, log or (lambda *a, **k: None))
+    with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
+                     cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
+                     keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+        return _refine(session, opts, log or (lambda *a, **k: None))
 
 
 def _check_inputs(opts) -> None:
@@ -264,7 +271,7 @@ def _open(opts):
     return open_particles(opts["i"], chunk=chunk) if chunk else open_particles(opts["i"])
 
 
-def _refine(client, opts, log) -> Refine3DResult:
+def _refine(session, opts, log) -> Refine3DResult:
     if opts["continue_from"] and not opts["pool"]:
         from cryodask.em.state import read_optimiser
 
@@ -274,7 +281,7 @@ def _refine(client, opts, log) -> Refine3DResult:
     from cryodask.ops.filters import low_pass_filter
 
     particles = _open(opts)
-    run = _Run(client, particles, opts)
+    run = _Run(session, particles, opts)
     st = run.state
     root = opts["o"]
     if opts["continue_from"]:
@@ -337,11 +344,10 @@ def _refine(client, opts, log) -> Refine3DResult:
 
 
 def _initial_sigma2(run: _Run) -> np.ndarray:
-    from cryodask.cluster.scratch import chunk_futures
     from cryodask.em.iteration import initial_noise_chunk, initial_sigma2
 
     client = run.client
-    futs = chunk_futures(client, run.particles)
+    futs = run.session.chunk_futures(run.particles)
     outs = [client.submit(initial_noise_chunk, f, run.chunk_meta(sl), pixel_size=run.apix,
                           particle_diameter=run.state.particle_diameter, width_mask_edge=run.state.width_mask_edge,
                           zero_mask=True, pure=False)
@@ -356,7 +362,6 @@ def _initial_sigma2(run: _Run) -> np.ndarray:
 
 def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
     from cryodask.analysis.fsc import resolution_at
-    from cryodask.cluster.scratch import chunk_futures
     from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, rotation_angle_between
     from cryodask.em.iteration import sum_accumulators
     from cryodask.em.mstep import tau2_from_fsc
@@ -404,10 +409,10 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
             local_searches=st.local_searches, sigma_ang=st.sigma_ang, mode=mode,
             particle_diameter=st.particle_diameter, width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask,
             do_ctf=st.do_ctf_correction, random_seed=st.random_seed)
-        futs = chunk_futures(client, run.particles)
+        futs = run.session.chunk_futures(run.particles)
         results = []
         for k, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True)):
-            results.append(client.submit(expectation_chunk, f, run.chunk_meta(sl), setup,
+            results.append(run.session.submit_scoring(expectation_chunk, f, run.chunk_meta(sl), setup,
                                          key=f"expectation-it{it:03d}-{k}-{f.key}", pure=False))
         per_particle = [client.submit(particle_results, r, pure=False) for r in results]
         total = _tree(client, results, sum_accumulators, key=f"sum-it{it:03d}-{results[0].key}")

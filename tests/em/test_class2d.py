@@ -119,7 +119,7 @@ def test_class2d_sorts_views(tmp_path, monkeypatch):
     view, truth, img = _simulate(tmp_path / "data")
     monkeypatch.chdir(tmp_path / "data")
     res = class2d("p.star", tmp_path / "out" / "run", K=10, iter=15, ctf=True, psi_step=10, offset_range=3,
-                  offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True, pool=100, n_workers=2,
+                  offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True, pool=100, workers=2,
                   random_seed=1, log=None)
     cls = res.data["rlnClassNumber"].to_numpy()
     assert class_purity(cls, view) >= 0.9
@@ -165,7 +165,7 @@ def test_class2d_outputs_read_by_relion(tmp_path, relion, monkeypatch):
     _simulate(tmp_path / "data", n=60)
     monkeypatch.chdir(tmp_path / "data")
     class2d("p.star", tmp_path / "out" / "run", K=2, iter=1, psi_step=30, offset_range=1, offset_step=1,
-            oversampling=0, pool=60, n_workers=1, log=None)
+            oversampling=0, pool=60, workers=1, log=None)
     root = tmp_path / "out" / "run_it001"
     r = subprocess.run([f"{relion}/relion_image_handler", "--i", f"{root}_classes.mrcs", "--stats"],
                        capture_output=True, text=True, timeout=60)
@@ -275,7 +275,7 @@ def test_class2d_continues_a_relion_run(tmp_path, relion, monkeypatch):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rel = read_particles("R/run_it003_data.star").particles
     rel_pmax = float(read_star("R/run_it003_model.star")["model_general"]["rlnAveragePmax"])
-    res = class2d("p.star", "C/run", iter=4, continue_from="R/run_it003_optimiser.star", n_workers=1, log=None)
+    res = class2d("p.star", "C/run", iter=4, continue_from="R/run_it003_optimiser.star", workers=1, log=None)
     same = np.mean(res.data["rlnClassNumber"].to_numpy() == rel["rlnClassNumber"].to_numpy())
     rel2 = read_particles("R/run_it002_data.star").particles
     rel_same = np.mean(rel2["rlnClassNumber"].to_numpy() == rel["rlnClassNumber"].to_numpy())
