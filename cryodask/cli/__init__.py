@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "class3d": "cryodask.cli.class3d",
     "cluster": "cryodask.cli.cluster",
     "class2d": "cryodask.cli.class2d",
+    "report": "cryodask.cli.report",
+    "select": "cryodask.cli.select",
 }
 
 
