@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "class3d": "cryodask.cli.class3d",
     "cluster": "cryodask.cli.cluster",
     "class2d": "cryodask.cli.class2d",
+    "estimate": "cryodask.cli.estimate",
     "report": "cryodask.cli.report",
     "select": "cryodask.cli.select",
 }
