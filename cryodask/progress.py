@@ -89,6 +89,7 @@ class JobProgress:
         self.stream = sys.stderr if stream == "stderr" else stream
         self.iteration_seconds: list[float] = []
         self.lines: list[str] = []
+        self.tracked: list[int] = []  # futures finished, per call of track
         self.dashboard: str | None = None
         self._t_start = time.perf_counter()
         self._t_last = self._t_start
@@ -128,6 +129,7 @@ class JobProgress:
             if bar is not None:
                 bar.close()
             futs.clear()  # hold no reference once done: the caller decides when results are released
+        self.tracked.append(n)
         return n
 
     def _make_bar(self, total: int, desc: str | None) -> Any:

@@ -419,7 +419,7 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     kind = _kind(root, model, optimiser)
     if kind != "refine3d" and its:
         n = optimiser.get("rlnNumberOfIterations")
-        finished = it is None and n is not None and last >= int(_float(n, 1e9))
+        finished = last == its[-1] and n is not None and last >= int(_float(n, 1e9))
     if kind == "refine3d" and finished and not data.is_file():
         data = Path(f"{root}_it{last:03d}_data.star")
     return Run(root=root, kind=kind, iteration=last, finished=bool(finished), optimiser_path=opt_path,
