@@ -1,0 +1,186 @@
+"""cryodask against Debian's RELION 3.1 on the same simulated data and cores: time, memory, accuracy.
+
+For each job (class2d, class3d, refine3d) both programs run on one simulated data set
+(:mod:`cryodask.simulate`: a phantom and a variant, 2-class mixture, CTF, known poses) with
+matching options, each as a command line whose process tree is sampled with psutil (peak =
+the largest sum of RSS over the tree: RELION's MPI ranks, cryodask's driver + workers).
+Printed per job: wall time of each and the ratio RELION / cryodask, peak memory of each, and
+accuracy against the truth — FSC(0.143) resolution of the map against the true volume for
+refine3d (and class3d's best class), class purity for class2d and class3d.
+
+RELION: ``relion_refine --j <cores>`` for class2d/class3d; ``mpirun -n 3 relion_refine_mpi --j 1``
+for refine3d (a master and two half-set ranks). cryodask: its CLI with ``--j <cores>``.
+
+Usage::
+
+    .venv/bin/python benchmarks/vs_relion.py                        # 3,000 particles, box 64, all jobs
+    .venv/bin/python benchmarks/vs_relion.py --box 128
+    .venv/bin/python benchmarks/vs_relion.py --n 600 --iter 3 --jobs class3d,refine3d   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak summed RSS of the process tree in bytes, exit code)."""
+    import psutil
+
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def sample():
+            try:
+                root = psutil.Process(proc.pid)
+            except psutil.NoSuchProcess:
+                return
+            while proc.poll() is None:
+                total = 0
+                try:
+                    for p in [root] + root.children(recursive=True):
+                        try:
+                            total += p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                except psutil.Error:
+                    pass
+                peak[0] = max(peak[0], total)
+                time.sleep(0.2)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        rc = proc.wait()
+        th.join()
+    return time.perf_counter() - t0, peak[0], rc
+
+
+def _fsc_resolution(vol_path: Path, truth: np.ndarray, apix: float) -> float:
+    from cryodask.analysis.fsc import fsc, resolution_at
+    from cryodask.io.mrc import read_map
+
+    v, _ = read_map(vol_path)
+    return float(resolution_at(fsc(np.asarray(v, np.float64), truth), 0.143, apix))
+
+
+def _purity(data_star: Path, truth_labels: np.ndarray) -> float:
+    """Σ_k (largest true class among particles of class k) / N — 1 is perfect, 1/K_true is chance."""
+    from cryodask.io.star import read_particles
+
+    got = read_particles(data_star).particles["rlnClassNumber"].to_numpy().astype(int)
+    n = min(len(got), len(truth_labels))
+    got, lab = got[:n], truth_labels[:n]
+    return float(sum(np.bincount(lab[got == k]).max() for k in np.unique(got)) / n)
+
+
+def _last(folder: Path, pattern: str) -> Path | None:
+    files = sorted(folder.glob(pattern))
+    return files[-1] if files else None
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=3000, help="particles (default 3000)")
+    ap.add_argument("--box", type=int, default=64, help="box (default 64; also 128)")
+    ap.add_argument("--jobs", default="class2d,class3d,refine3d")
+    ap.add_argument("--iter", type=int, default=None, help="cap iterations (class2d/class3d; refine3d: --iter too)")
+    ap.add_argument("--j", type=int, default=os.cpu_count() or 1, help="cores for both programs")
+    ap.add_argument("--keep", default=None, help="folder to keep the runs in (default: a temporary one)")
+    args = ap.parse_args(argv)
+    from cryodask.io.mrc import write_map
+    from cryodask.ops.filters import low_pass_filter
+    from cryodask.simulate import phantom, phantom_variant, simulate_particles, write_simulation
+
+    box, apix = args.box, 3.0 * 64 / args.box
+    diam = 0.8 * box * apix
+    vol_a = phantom(box, seed=0)
+    vol_b = phantom_variant(vol_a, seed=1)
+    tmp = Path(args.keep or tempfile.mkdtemp(prefix="vs_relion_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    sim = simulate_particles([vol_a, vol_b], apix, n=args.n, snr=0.1, seed=3)
+    paths = write_simulation(tmp / "data", sim)
+    labels = sim.truth["rlnClassNumber"].to_numpy().astype(int)
+    write_map(tmp / "ref.mrc", low_pass_filter(vol_a, 30.0, apix), apix)
+    cores = str(args.j)
+    it = args.iter
+    print(f"data: {args.n} particles, box {box}, {apix:.2f} Å/px, 2 classes; {cores} cores "
+          f"({os.cpu_count()} on the machine); runs in {tmp}")
+    common = ["--particle_diameter", f"{diam:.0f}", "--ctf", "--zero_mask"]
+    jobs = {
+        "class2d": (
+            ["relion_refine", "--i", str(paths["particles"]), "--o", "R2D/run", "--K", "10", "--iter", str(it or 25),
+             "--tau2_fudge", "2", "--psi_step", "10", "--offset_range", "6", "--offset_step", "2", "--dont_combine_weights_via_disc",
+             "--pool", "100", "--j", cores, "--flatten_solvent"] + common,
+            ["cryodask", "class2d", "--i", str(paths["particles"]), "--o", "C2D/run", "--K", "10", "--iter",
+             str(it or 25), "--psi_step", "10", "--j", cores] + common),
+        "class3d": (
+            ["relion_refine", "--i", str(paths["particles"]), "--o", "R3D/run", "--ref", str(tmp / "ref.mrc"),
+             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--tau2_fudge", "4",
+             "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", cores, "--flatten_solvent"]
+            + common,
+            ["cryodask", "class3d", "--i", str(paths["particles"]), "--o", "C3D/run", "--ref", str(tmp / "ref.mrc"),
+             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--j", cores,
+             "--flatten_solvent"] + common),
+        "refine3d": (
+            ["mpirun", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--i", str(paths["particles"]), "--o",
+             "RR/run", "--ref", str(tmp / "ref.mrc"), "--auto_refine", "--split_random_halves", "--ini_high", "30",
+             "--healpix_order", "2", "--auto_local_healpix_order", "4", "--low_resol_join_halves", "40",
+             "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", "1", "--flatten_solvent"]
+            + (["--iter", str(it)] if it else []) + common,
+            ["cryodask", "refine3d", "--i", str(paths["particles"]), "--o", "CR/run", "--ref", str(tmp / "ref.mrc"),
+             "--ini_high", "30", "--healpix_order", "2", "--j", cores, "--flatten_solvent"]
+            + (["--iter", str(it)] if it else []) + common),
+    }
+    if shutil.which("relion_refine") is None:
+        print("relion_refine not found: install Debian's relion package")
+    rows = []
+    for job in args.jobs.split(","):
+        rel_cmd, cd_cmd = jobs[job]
+        for d in ("R2D", "C2D", "R3D", "C3D", "RR", "CR"):
+            (tmp / d).mkdir(exist_ok=True)
+        exe = shutil.which("cryodask") or None
+        if exe is None:  # the venv's entry point, or the module
+            import sys
+
+            cd_cmd = [sys.executable, "-m", "cryodask"] + cd_cmd[1:]
+        tr, mr, rcr = run_tree(rel_cmd, tmp, tmp / f"{job}_relion.log")
+        tc, mc, rcc = run_tree(cd_cmd, tmp, tmp / f"{job}_cryodask.log")
+        acc_r = acc_c = float("nan")
+        out_r, out_c = Path(rel_cmd[rel_cmd.index("--o") + 1]).parent, Path(cd_cmd[cd_cmd.index("--o") + 1]).parent
+        try:
+            if job == "refine3d":
+                fr, fc = _last(tmp / out_r, "run_class001.mrc"), _last(tmp / out_c, "run_class001.mrc")
+                fr = fr or _last(tmp / out_r, "run_it*_half1_class001.mrc")
+                fc = fc or _last(tmp / out_c, "run_it*_half1_class001.mrc")
+                acc_r = _fsc_resolution(fr, vol_a, apix) if fr else acc_r
+                acc_c = _fsc_resolution(fc, vol_a, apix) if fc else acc_c
+            else:
+                dr, dc = _last(tmp / out_r, "run_it*_data.star"), _last(tmp / out_c, "run_it*_data.star")
+                acc_r = _purity(dr, labels) if dr else acc_r
+                acc_c = _purity(dc, labels) if dc else acc_c
+        except Exception as exc:  # a benchmark reports what it could measure
+            print(f"{job}: accuracy not measured ({exc})")
+        rows.append((job, tr, tc, mr, mc, acc_r, acc_c, rcr, rcc))
+        what = "FSC-vs-truth resolution (Å)" if job == "refine3d" else "class purity"
+        print(f"{job}: RELION {tr:.1f} s, {mr / 2**20:.0f} MiB, {what} {acc_r:.3f} (rc {rcr}) | "
+              f"cryodask {tc:.1f} s, {mc / 2**20:.0f} MiB, {acc_c:.3f} (rc {rcc}) | time ratio RELION/cryodask "
+              f"{tr / tc:.2f}", flush=True)
+    print("\njob       RELION s  cryodask s  speed-up  RELION MiB  cryodask MiB  RELION acc  cryodask acc")
+    for job, tr, tc, mr, mc, ar, ac, _, _ in rows:
+        print(f"{job:9s} {tr:8.1f}  {tc:10.1f}  {tr / tc:8.2f}  {mr / 2**20:10.0f}  {mc / 2**20:12.0f}  {ar:10.3f}  "
+              f"{ac:12.3f}")
+
+
+if __name__ == "__main__":
+    main()
