@@ -683,7 +683,7 @@ def class2d(particles: Any, o: str | Path, *,
         ctf, random_seed, pool, incr_size = state.do_ctf_correction, state.random_seed, state.max_pooled, \
             state.incr_size
         adaptive_fraction, width_mask_edge = state.adaptive_fraction, state.width_mask_edge
-        # _sampling.star holds the offsets in Å (RELION 3.1); they become pixels once the pixel size is known
+        # read_optimiser gives the offsets in pixels (RELION 3.1's Å divided by the model's pixel size)
     if K is None:
         raise UserError("--K", "give the number of classes (e.g. --K 50), or --continue an earlier run")
     _check_options(K, iter, psi_step, offset_range, offset_step, oversampling, tau2_fudge, particle_diameter, pad,
@@ -694,8 +694,6 @@ def class2d(particles: Any, o: str | Path, *,
         parts_obj = open_particles(particles, chunk=pool) if pool else open_particles(particles)
     else:
         parts_obj = particles
-    if state is not None:
-        offset_range, offset_step = offset_range / parts_obj.pixel_size, offset_step / parts_obj.pixel_size
     Path(str(o)).parent.mkdir(parents=True, exist_ok=True)
     opts = dict(o=str(o), K=int(K), iter=int(iter), psi_step=10.0 if psi_step == -1 else float(psi_step),
                 offset_range=float(offset_range), offset_step=float(offset_step), oversampling=int(oversampling),
@@ -831,13 +829,12 @@ class _Run:
         for j, c in enumerate(("rlnClassPriorOffsetX", "rlnClassPriorOffsetY")):
             if c in classes.columns:
                 self.prior_offsets[:, j] = pd.to_numeric(classes[c]).to_numpy(np.float64) / self.apix
-        if not np.any(m.sigma2_noise):
-            m.sigma2_noise[:] = _group_sigma2(model_path, m.n_shells)
+        if not np.any(m.sigma2_noise):  # read_model also reads RELION 3.1's data_model_group_N
+            raise UserError(model_path, "has no noise spectrum (rlnSigma2Noise in data_model_optics_group_N or "
+                                        "data_model_group_N); continue a class2d run")
         m.tau2_fudge = self.o["tau2_fudge"]
         m.pad = self.o["pad"]
         self.model = m
-        for f in ("offset_range", "offset_step", "offset_range_original", "offset_step_original"):
-            setattr(st, f, getattr(st, f) / self.apix)  # Å in _sampling.star
         st.output_root, st.n_iterations = self.o["o"], self.o["iter"]
         self.state = st
         self.parts = t.particles.reset_index(drop=True)
@@ -1008,14 +1005,10 @@ def write_model_2d(path: str | os.PathLike[str], model: Any, prior_offsets_angst
     from cryodask.io.atomic import atomic_path
     from cryodask.io.star import read_star, write_star
 
+    model.reference_dimensionality = 2
     with atomic_path(path) as tmp:
         write_model(tmp, model)
         blocks = read_star(tmp)
-        general = blocks["model_general"]
-        if not isinstance(general, dict):
-            general = dict(general.attrs.get("pairs", {}))
-        general["rlnReferenceDimensionality"] = 2
-        blocks["model_general"] = general
         classes = blocks["model_classes"].copy()
         classes["rlnClassPriorOffsetX"] = np.asarray(prior_offsets_angst, np.float64)[:, 0]
         classes["rlnClassPriorOffsetY"] = np.asarray(prior_offsets_angst, np.float64)[:, 1]
@@ -1023,43 +1016,9 @@ def write_model_2d(path: str | os.PathLike[str], model: Any, prior_offsets_angst
         write_star(tmp, blocks)
 
 
-def _group_sigma2(model_path: Path, n_shells: int) -> np.ndarray:
-    """σ² from ``data_model_group_N`` blocks (RELION 3.1 before optics groups), averaged over the groups by their
-    particle counts; used when a ``_model.star`` has no ``data_model_optics_group_N``."""
-    from cryodask.io.star import read_star
-
-    blocks = read_star(model_path)
-    groups = blocks.get("model_groups")
-    sig, wts = [], []
-    for g in range(1, 1 + (len(groups) if groups is not None else 0)):
-        b = blocks.get(f"model_group_{g}")
-        if b is None or not hasattr(b, "columns") or "rlnSigma2Noise" not in b.columns:
-            continue
-        v = np.zeros(n_shells)
-        vals = pd.to_numeric(b["rlnSigma2Noise"]).to_numpy(np.float64)[:n_shells]
-        v[:len(vals)] = vals
-        sig.append(v)
-        wts.append(float(pd.to_numeric(groups["rlnGroupNrParticles"]).iloc[g - 1]))
-    if not sig:
-        raise UserError(model_path, "has no noise spectrum (rlnSigma2Noise in data_model_optics_group_N or "
-                                    "data_model_group_N); continue a class2d run")
-    return np.average(np.stack(sig), axis=0, weights=np.maximum(wts, 1e-30))
-
-
 def write_sampling_2d(path: str | os.PathLike[str], state: Any, pixel_size: float) -> None:
-    """``_sampling.star`` of a 2D run (:func:`cryodask.em.state.write_sampling` with ``rlnIs3DSampling 0`` and, as
-    RELION 3.1 writes them, the offset range and step in Å; ``state`` holds them in pixels)."""
+    """``_sampling.star`` of a 2D run: ``rlnIs3DSampling 0`` and the offsets in Å, as RELION 3.1 writes them
+    (``state`` holds them in pixels)."""
     from cryodask.em.state import write_sampling
-    from cryodask.io.atomic import atomic_path
-    from cryodask.io.star import read_star, write_star
 
-    with atomic_path(path) as tmp:
-        write_sampling(tmp, state)
-        blocks = read_star(tmp)
-        pairs = blocks["sampling_general"]
-        if not isinstance(pairs, dict):
-            pairs = dict(pairs.attrs.get("pairs", {}))
-        pairs["rlnIs3DSampling"] = 0
-        for label in ("rlnOffsetRange", "rlnOffsetStep", "rlnOffsetRangeOriginal", "rlnOffsetStepOriginal"):
-            pairs[label] = float(pairs[label]) * pixel_size
-        write_star(tmp, {"sampling_general": pairs})
+    write_sampling(path, state, pixel_size, is_3d=False)

@@ -97,6 +97,7 @@ class Model:
     sigma_tilt: float = 0.0
     sigma_psi: float = 0.0
     orientational_prior_mode: int = 0
+    reference_dimensionality: int = 3  # 2 for 2D classification (class averages), 3 for maps
 
     def __post_init__(self) -> None:
         k, o, n = self.n_classes, self.n_optics_groups, self.n_shells
@@ -134,7 +135,7 @@ class Model:
 
 def _general(m: Model) -> dict[str, Any]:
     return {
-        "rlnReferenceDimensionality": 3,
+        "rlnReferenceDimensionality": int(m.reference_dimensionality),
         "rlnDataDimensionality": 2,
         "rlnOriginalImageSize": m.ori_size,
         "rlnCurrentResolution": m.current_resolution,
@@ -233,7 +234,8 @@ def read_model(path: str | os.PathLike[str]) -> Model:
               log_likelihood=float(val("rlnLogLikelihood", 0.0)), ave_pmax=float(val("rlnAveragePmax", 0.0)),
               sigma_rot=float(val("rlnSigmaPriorRotAngle", 0.0)), sigma_tilt=float(val("rlnSigmaPriorTiltAngle", 0.0)),
               sigma_psi=float(val("rlnSigmaPriorPsiAngle", 0.0)),
-              orientational_prior_mode=int(val("rlnOrientationalPriorMode", 0)))
+              orientational_prior_mode=int(val("rlnOrientationalPriorMode", 0)),
+              reference_dimensionality=int(val("rlnReferenceDimensionality", 3)))
     for attr, label in (("acc_rot", "rlnAccuracyRotations"), ("acc_trans", "rlnAccuracyTranslationsAngst"),
                         ("estimated_resolution", "rlnEstimatedResolution"),
                         ("fourier_completeness", "rlnOverallFourierCompleteness")):
@@ -252,12 +254,42 @@ def read_model(path: str | os.PathLike[str]) -> Model:
         pdf = blocks.get(f"model_pdf_orient_class_{c + 1}")
         if pdf is not None:
             m.pdf_direction.append(_col(pdf, "rlnOrientationDistribution", path, f"model_pdf_orient_class_{c + 1}"))
+    found = False
     for o in range(n_opt):
         name = f"model_optics_group_{o + 1}"
         if name in blocks:
             m.sigma2_noise[o, :len(blocks[name])] = _col(blocks[name], "rlnSigma2Noise", path, name)[:m.n_shells]
+            found = True
+    if not found:
+        group_sigma2 = _group_sigma2(blocks, m.n_shells, path)
+        if group_sigma2 is not None:
+            m.sigma2_noise[:] = group_sigma2
     if groups is not None and len(groups):
         m.group_names = [str(s) for s in groups["rlnGroupName"]]
         m.group_nr_particles = _col(groups, "rlnGroupNrParticles", path, "model_groups").astype(np.int64)
         m.scale = _col(groups, "rlnGroupScaleCorrection", path, "model_groups")
     return m
+
+
+def _group_sigma2(blocks: dict[str, Any], n_shells: int, path: Path) -> np.ndarray | None:
+    """σ² from RELION 3.1's ``data_model_group_N`` blocks (its files before optics-group noise tables):
+    the groups' spectra averaged with their particle counts as weights; None when there are none."""
+    groups = blocks.get("model_groups")
+    n = len(groups) if isinstance(groups, pd.DataFrame) else 0
+    sig, wts = [], []
+    for g in range(1, n + 1):
+        name = f"model_group_{g}"
+        b = blocks.get(name)
+        if not isinstance(b, pd.DataFrame) or "rlnSigma2Noise" not in b.columns:
+            continue
+        v = np.zeros(n_shells)
+        vals = _col(b, "rlnSigma2Noise", path, name)[:n_shells]
+        v[:len(vals)] = vals
+        sig.append(v)
+        w = 1.0
+        if "rlnGroupNrParticles" in groups.columns:
+            w = float(pd.to_numeric(groups["rlnGroupNrParticles"], errors="coerce").iloc[g - 1])
+        wts.append(w if np.isfinite(w) and w > 0 else 1e-30)
+    if not sig:
+        return None
+    return np.average(np.stack(sig), axis=0, weights=np.asarray(wts))

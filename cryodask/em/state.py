@@ -216,12 +216,31 @@ def write_optimiser(path: str | os.PathLike[str], state: OptimiserState, *, comm
         tmp.write_bytes(head.encode() + body)
 
 
-def write_sampling(path: str | os.PathLike[str], state: OptimiserState) -> None:
-    """Write ``_sampling.star`` (``data_sampling_general``, RELION's labels)."""
-    pairs: dict[str, Any] = {"rlnIs3DSampling": 1, "rlnIs3DTranslationalSampling": 0}
+_OFFSET_LABELS = ("rlnOffsetRange", "rlnOffsetStep", "rlnOffsetRangeOriginal", "rlnOffsetStepOriginal")
+# cryodask's marker for a _sampling.star whose offsets are in pixels (written without a pixel size)
+_PIXEL_MARKER = "rlnCryodaskOffsetsInPixels"
+
+
+def write_sampling(path: str | os.PathLike[str], state: OptimiserState, pixel_size: float | None = None, *,
+                   is_3d: bool = True) -> None:
+    """Write ``_sampling.star`` (``data_sampling_general``, RELION's labels), atomically.
+
+    ``state`` holds the offset range and step in pixels. With ``pixel_size`` (Å/px) they are
+    written in Å, as RELION 3.1 writes them; without it they stay in pixels and the file says
+    so (``rlnCryodaskOffsetsInPixels 1``), so that :func:`read_sampling` reads them back right.
+    ``is_3d`` gives ``rlnIs3DSampling`` (0 for 2D classification).
+    """
+    if pixel_size is not None and not (np.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"pixel_size must be positive, not {pixel_size}")
+    pairs: dict[str, Any] = {"rlnIs3DSampling": int(bool(is_3d)), "rlnIs3DTranslationalSampling": 0}
     for name, label in _SAMPLING.items():
-        pairs[label] = _out(getattr(state, name))
+        v = _out(getattr(state, name))
+        if label in _OFFSET_LABELS and pixel_size is not None:
+            v = float(v) * float(pixel_size)
+        pairs[label] = v
     pairs["rlnHelicalOffsetStep"] = -1.0
+    if pixel_size is None:
+        pairs[_PIXEL_MARKER] = 1
     write_star(path, {"sampling_general": pairs})
 
 
@@ -249,21 +268,57 @@ def command_line_of(path: str | os.PathLike[str]) -> str:
     return ""
 
 
-def read_sampling(path: str | os.PathLike[str], state: OptimiserState) -> OptimiserState:
-    """Fill the sampling fields of ``state`` from a ``_sampling.star``."""
+def read_sampling(path: str | os.PathLike[str], state: OptimiserState,
+                  pixel_size: float | None = None) -> OptimiserState:
+    """Fill the sampling fields of ``state`` from a ``_sampling.star``; offsets end in pixels.
+
+    RELION 3.1 writes the offset range and step in Å: they are divided by ``pixel_size``
+    (Å/px). A file that :func:`write_sampling` wrote in pixels is read as it is. Without
+    ``pixel_size`` an Å file is a :class:`UserError`.
+    """
     path = Path(path)
     pairs = _pairs(path, "sampling_general")
+    in_pixels = bool(int(float(pairs.get(_PIXEL_MARKER, 0) or 0)))
+    if not in_pixels and pixel_size is None and any(label in pairs for label in _OFFSET_LABELS):
+        raise UserError(path, "holds offsets in Å and the pixel size is unknown; keep the _model.star that the "
+                              "_optimiser.star names beside it (its rlnPixelSize gives the pixel size)")
     for name, label in _SAMPLING.items():
         if label in pairs:
-            setattr(state, name, _typed(name, pairs[label], path, label))
+            v = _typed(name, pairs[label], path, label)
+            if label in _OFFSET_LABELS and not in_pixels:
+                v = float(v) / float(pixel_size)
+            setattr(state, name, v)
     return state
 
 
-def read_optimiser(path: str | os.PathLike[str]) -> tuple[OptimiserState, dict[str, Any]]:
+def _model_pixel_size(files: dict[str, Any], optimiser: Path) -> float | None:
+    """rlnPixelSize of the (first) _model.star an optimiser file names, or None when it cannot be read."""
+    names = files["model"].split()
+    model = _resolve(names[0], optimiser) if names else None
+    if model is None:
+        return None
+    try:
+        blocks = read_star(model, blocks=["model_general"])
+    except (OSError, ValueError, UserError):
+        return None
+    g = blocks.get("model_general")
+    if g is None:
+        return None
+    pairs = g if isinstance(g, dict) else dict(g.attrs.get("pairs", {}))
+    try:
+        v = float(pairs.get("rlnPixelSize", "nan"))
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v > 0 else None
+
+
+def read_optimiser(path: str | os.PathLike[str], pixel_size: float | None = None
+                   ) -> tuple[OptimiserState, dict[str, Any]]:
     """Restore the state of ``--continue <o>_itNNN_optimiser.star``.
 
     Returns the state (its sampling fields read from the ``_sampling.star`` it names, when
-    that exists) and ``{"command_line", "model", "data", "sampling"}`` (file names as
+    that exists, offsets in pixels: RELION's Å are divided by ``pixel_size``, by default the
+    ``rlnPixelSize`` of the ``_model.star`` the optimiser file names) and ``{"command_line", "model", "data", "sampling"}`` (file names as
     written; ``model`` may list several files separated by spaces, one per half-set).
     """
     path = Path(path)
@@ -279,7 +334,7 @@ def read_optimiser(path: str | os.PathLike[str]) -> tuple[OptimiserState, dict[s
              "sampling": str(pairs.get("rlnOrientSamplingStarFile", ""))}
     sampling = _resolve(files["sampling"], path)
     if sampling is not None:
-        read_sampling(sampling, state)
+        read_sampling(sampling, state, pixel_size if pixel_size is not None else _model_pixel_size(files, path))
     return state, files
 
 
