@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="vs_relion_"))
     tmp.mkdir(parents=True, exist_ok=True)
     sim = simulate_particles([vol_a, vol_b], apix, n=args.n, snr=0.1, seed=3)
-    paths = write_simulation(tmp / "data", sim)
+    paths = write_simulation(tmp, sim)  # RELION reads image names relative to its working folder
     labels = sim.truth["rlnClassNumber"].to_numpy().astype(int)
     write_map(tmp / "ref.mrc", low_pass_filter(vol_a, 30.0, apix), apix)
     cores = str(args.j)
