@@ -175,6 +175,7 @@ class BackProjector:
             else:
                 backend.scatter_add(self.data, index, contrib)
             backend.scatter_add(self.weight, index, w[..., None] * tri)
+            del xi, index, tri, negative, vals, w, contrib  # before the next block's are made
 
     def merge(self, other: "BackProjector") -> "BackProjector":
         """Add another accumulator of the same geometry into this one (in place); returns self."""

