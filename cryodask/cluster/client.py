@@ -40,6 +40,45 @@ EXECUTION_DEFAULTS: dict[str, Any] = {
 }
 GROUP_TITLE = "execution (where and how the job runs; the same in every command)"
 
+#: what keeps one lost worker (killed, preempted, past its walltime) from failing a job. Applied where a
+#: job's cluster is built, to every key the user's dask configuration leaves at dask's default; a
+#: ``--cluster`` file's own values win. A task running on a worker that dies unexpectedly counts one
+#: failure (``allowed-failures``: a task fails the job only after more deaths than this); a silent worker
+#: (a node gone from the network) is dropped after ``worker-ttl`` and its tasks rescheduled; comm timeouts
+#: long enough for a busy shared file system or a large cluster, so a slow answer is not taken for a death.
+#: Walltimes: ``--lifetime`` / ``--lifetime-stagger`` in the SLURM configurations' ``worker-extra-args``
+#: make workers leave cleanly (no failure counted) before SLURM kills them.
+RESILIENCE: dict[str, Any] = {
+    "distributed.scheduler.allowed-failures": 5,
+    "distributed.scheduler.worker-ttl": "5 minutes",
+    "distributed.comm.timeouts.connect": "60s",
+    "distributed.comm.timeouts.tcp": "120s",
+}
+
+
+def resilience_config() -> dict[str, Any]:
+    """The :data:`RESILIENCE` settings the active dask configuration leaves at distributed's defaults."""
+    import os
+
+    import dask
+    import distributed
+    import yaml
+
+    path = os.path.join(os.path.dirname(distributed.__file__), "distributed.yaml")
+    try:
+        with open(path) as fh:
+            shipped = yaml.safe_load(fh) or {}
+    except OSError:
+        shipped = {}
+    out = {}
+    for key, value in RESILIENCE.items():
+        default = shipped
+        for part in key.split("."):
+            default = default.get(part) if isinstance(default, dict) else None
+        if dask.config.get(key, None) == default:
+            out[key] = value
+    return out
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -206,9 +245,14 @@ def execution_client(args: argparse.Namespace | Mapping[str, Any] | None = None,
     from cryodask.cluster.local import local_client
     from cryodask.cluster.slurm import in_srun_step, runner_client, scheduler_file_client, slurm_client
 
+    import dask
+
     ex = execution_options(args, **options)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_interrupt_signals())
+        # under any --cluster file (applied below, so its values win): one lost worker never fails the job
+        resilient = resilience_config()
+        stack.enter_context(dask.config.set(resilient))
         if ex.scheduler_file:
             if in_srun_step():
                 client = stack.enter_context(runner_client(ex.scheduler_file, threads=ex.threads or 1,
@@ -227,6 +271,8 @@ def execution_client(args: argparse.Namespace | Mapping[str, Any] | None = None,
         else:
             spec = current_spec()
         if spec.kind == "slurm":
+            # SLURM workers run in fresh processes: they get the settings through their job script
+            spec = dataclasses.replace(spec, worker_config=_with_resilience(spec.worker_config, resilient))
             client = stack.enter_context(_slurm(spec, ex, check_devices=check_devices,
                                                 log_directory=log_directory, wait=wait, quiet=quiet))
         elif spec.kind == "local-gpu" or ex.use_gpu or spec.gpu:
@@ -238,6 +284,23 @@ def execution_client(args: argparse.Namespace | Mapping[str, Any] | None = None,
             client = stack.enter_context(local_client(ex.workers or spec.workers, threads=ex.threads or spec.threads,
                                                       quiet=quiet))
         yield client
+
+
+def _with_resilience(worker_config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``worker_config`` (nested sections) with the dotted ``settings`` added where it does not set them."""
+    import copy
+
+    out = copy.deepcopy(dict(worker_config))
+    for key, value in settings.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(leaf, value)
+    return out
 
 
 @contextlib.contextmanager
