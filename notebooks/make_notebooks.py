@@ -21,13 +21,18 @@ SETUP = """\
 %matplotlib inline
 from pathlib import Path
 
+import os
+
 import numpy as np
 
 import cryodask
 from cryodask.runs import open_run
 
-work = Path("work")          # every output of this notebook goes here
-work.mkdir(exist_ok=True)"""
+# a project folder, as RELION has: every path below is relative to it, image names included
+work = Path("work")
+if Path.cwd().name != "work":
+    work.mkdir(exist_ok=True)
+    os.chdir(work)"""
 
 QUICKSTART = [
     new_markdown_cell("""\
@@ -38,9 +43,10 @@ A tiny end-to-end run: particles simulated from a phantom map (box 32, 5 Å/px),
 slices through the map. The same run from a shell:
 
 ```bash
-cryodask simulate --phantom 32 --angpix 5 --n 300 --snr 0.3 --o work/sim
-cryodask refine3d --i work/sim/particles.star --ref work/sim/phantom.mrc --ini_high 30 --o work/Refine3D/run --ctf --particle_diameter 128
-cryodask report work/Refine3D/run
+mkdir work && cd work
+cryodask simulate --phantom 32 --angpix 5 --n 200 --snr 0.3 --o .
+cryodask refine3d --i particles.star --ref phantom.mrc --ini_high 30 --o Refine3D/run --ctf --particle_diameter 128
+cryodask report Refine3D/run
 ```"""),
     new_code_cell(SETUP),
     new_markdown_cell("## Simulate particles\nRandom poses and shifts, RELION's CTF with a defocus spread, noise at SNR 0.3. "
@@ -52,22 +58,22 @@ from cryodask.simulate import phantom, simulate_particles, write_simulation
 
 box, apix = 32, 5.0
 truth_map = phantom(box, seed=0)
-sim = simulate_particles([truth_map], apix, n=300, snr=0.3, seed=1)
-paths = write_simulation(work / "sim", sim)
+sim = simulate_particles([truth_map], apix, n=200, snr=0.3, seed=1)
+paths = write_simulation(".", sim)
 # the starting reference: the truth low-passed to 30 Å (refine3d low-passes it again with ini_high)
-write_map(work / "sim" / "ref.mrc", low_pass_filter(truth_map, 30.0, apix), apix)
+write_map("ref.mrc", low_pass_filter(truth_map, 30.0, apix), apix)
 sim.particles.head()"""),
     new_markdown_cell("## Refine\nRELION's option names as keyword arguments. A local Dask cluster is started for the "
-                      "call (`n_workers`); pass `client=` to use your own (see `03-cluster`)."),
+                      "call (`workers`); pass `client=` to use your own (see `03-cluster`)."),
     new_code_cell("""\
-result = cryodask.refine3d(paths["particles"], work / "Refine3D" / "run", work / "sim" / "ref.mrc",
+result = cryodask.refine3d(paths["particles"], "Refine3D/run", "ref.mrc",
                            ini_high=30.0, particle_diameter=128.0, ctf=True, zero_mask=True, flatten_solvent=True,
-                           healpix_order=1, iter=2, pool=100, n_workers=2, random_seed=3)
+                           healpix_order=1, iter=1, pool=100, workers=2, random_seed=3)
 print(f"gold-standard resolution {result.resolution:.1f} Å after {result.iterations} iterations")"""),
     new_markdown_cell("## Open the run\n`open_run` reads a finished or running job from its files: ours, or RELION's own "
                       "Refine3D / Class3D / Class2D folders."),
     new_code_cell("""\
-run = open_run(work / "Refine3D")
+run = open_run("Refine3D")
 run, run.resolution, len(run.particles)"""),
     new_code_cell("run.plot_fsc()"),
     new_markdown_cell("Central slices and projections of the final map, and the map against the truth:"),
@@ -103,16 +109,16 @@ from cryodask.simulate import phantom, phantom_variant, simulate_particles, writ
 box, apix = 32, 5.0
 a = phantom(box, seed=0)
 b = phantom_variant(a, fraction=0.2, seed=1)
-sim = simulate_particles([a, b], apix, n=300, snr=0.5, seed=2)
-paths = write_simulation(work / "sim", sim)
-write_map(work / "sim" / "ref.mrc", low_pass_filter(a, 30.0, apix), apix)
+sim = simulate_particles([a, b], apix, n=200, snr=0.5, seed=2)
+paths = write_simulation(".", sim)
+write_map("ref.mrc", low_pass_filter(a, 30.0, apix), apix)
 np.bincount(sim.truth["rlnClassNumber"])[1:]   # particles per true map"""),
     new_markdown_cell("## 2D classification\nA montage of the class averages, labelled with class number, share of the "
                       "particles and estimated resolution, most populated first."),
     new_code_cell("""\
-c2 = cryodask.class2d(paths["particles"], work / "Class2D" / "run", K=6, iter=3, psi_step=15, offset_range=3,
-                      offset_step=1, particle_diameter=128.0, zero_mask=True, ctf=True, pool=150, n_workers=2)
-run2 = open_run(work / "Class2D")
+c2 = cryodask.class2d(paths["particles"], "Class2D/run", K=4, iter=2, psi_step=20, offset_range=3,
+                      offset_step=1, particle_diameter=128.0, zero_mask=True, ctf=True, pool=100, workers=2)
+run2 = open_run("Class2D")
 run2.plot_classes(order="fraction")"""),
     new_markdown_cell("Select classes by their share of the particles (the same as `cryodask select --min_fraction`):"),
     new_code_cell("""\
@@ -121,9 +127,9 @@ selected = run2.particles[run2.particles["rlnClassNumber"].isin(keep)]
 print(f"classes {keep}: {len(selected)} of {len(run2.particles)} particles")"""),
     new_markdown_cell("## 3D classification"),
     new_code_cell("""\
-c3 = cryodask.class3d(paths["particles"], work / "Class3D" / "run", work / "sim" / "ref.mrc", K=2, iter=2,
-                      ini_high=30.0, healpix_order=1, particle_diameter=128.0, ctf=True, pool=150, n_workers=2)
-run3 = open_run(work / "Class3D")
+c3 = cryodask.class3d(paths["particles"], "Class3D/run", "ref.mrc", K=2, iter=2,
+                      ini_high=30.0, healpix_order=1, particle_diameter=128.0, ctf=True, pool=100, workers=2)
+run3 = open_run("Class3D")
 print("class fractions", np.round(run3.class_fractions, 3))
 run3.plot_classes()"""),
     new_code_cell("run3.plot_convergence()"),
@@ -136,13 +142,13 @@ version of cryodask does not have it yet."""),
     new_code_cell("""\
 import inspect
 
-write_map(work / "mask.mrc", spherical_mask(box, 0.25 * box, width=3), apix)
+write_map("mask.mrc", spherical_mask(box, 0.25 * box, width=3), apix)
 if "skip_align" in inspect.signature(cryodask.class3d).parameters:
-    focused = cryodask.class3d(work / "Class3D" / "run_it002_data.star", work / "Focused" / "run",
-                               work / "sim" / "ref.mrc", K=2, iter=2, skip_align=True,
-                               solvent_mask=work / "mask.mrc", particle_diameter=128.0, ctf=True, pool=150,
-                               n_workers=2)
-    run_f = open_run(work / "Focused")
+    focused = cryodask.class3d("Class3D/run_it002_data.star", "Focused/run",
+                               "ref.mrc", K=2, iter=1, skip_align=True,
+                               solvent_mask="mask.mrc", particle_diameter=128.0, ctf=True, pool=100,
+                               workers=2)
+    run_f = open_run("Focused")
     print("class fractions", np.round(run_f.class_fractions, 3))
 else:
     print("class3d(skip_align=True, solvent_mask=...) is not in this version of cryodask yet")"""),
@@ -191,10 +197,10 @@ for it in (1, 2):
 from cryodask.simulate import phantom, simulate_particles, write_simulation
 
 sim = simulate_particles([phantom(32, seed=0)], 5.0, n=200, snr=0.5, seed=1)
-paths = write_simulation(work / "sim", sim)
-res = cryodask.class2d(paths["particles"], work / "Class2D" / "run", K=4, iter=2, psi_step=30, ctf=True,
+paths = write_simulation(".", sim)
+res = cryodask.class2d(paths["particles"], "Class2D/run", K=4, iter=2, psi_step=30, ctf=True,
                        particle_diameter=128.0, pool=100, client=client)
-open_run(work / "Class2D").plot_classes()"""),
+open_run("Class2D").plot_classes()"""),
     new_markdown_cell("""\
 ## SLURM
 
