@@ -9,7 +9,18 @@ classes; in the first iteration each particle goes to one random class, which br
 their symmetry (RELION's rule for one initial reference). Files per iteration:
 ``<o>_itNNN_{data,model,optimiser,sampling}.star`` and ``<o>_itNNN_classNNN.mrc``.
 
-Not yet: ``--skip_align`` with a focus mask, local searches, learnt direction priors.
+* ``--solvent_mask mask.mrc`` multiplies the references by the mask after every M-step
+  (and the initial references), instead of ``--flatten_solvent``'s soft sphere.
+* ``--skip_align`` classifies without alignment: each particle keeps the pose of its input
+  (a consensus refinement's ``_data.star``) and only the class is a hidden variable
+  (:mod:`cryodask.em.skip_align`). With a ``--solvent_mask`` the classification is focused:
+  the projection of the consensus map (``--ref``) outside the mask is subtracted from each
+  image on the fly and the rest is compared with the masked classes.
+* ``--continue <o>_itNNN_optimiser.star`` resumes from an iteration's files. Each
+  iteration goes on from what it wrote and draws its random numbers from (seed, iteration),
+  so a continued run ends with the maps of an uninterrupted one.
+
+Not yet: local searches, learnt direction priors.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryodask.errors import UserError
+from cryodask.errors import UserError, where
 
 __all__ = ["class3d", "Class3DResult"]
 
@@ -62,35 +73,86 @@ def _small(acc):
     return replace(acc, bp=[])
 
 
-def class3d(i: str | Path, o: str | Path, ref: str | Path, *,
+def read_solvent_mask(path: str | Path, box: int) -> np.ndarray:
+    """A ``--solvent_mask``: a ``box``³ map with values in [0, 1] (RELION's rule), float32."""
+    from cryodask.io.mrc import read_map
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(p, "does not exist; give the mask as an MRC map (--solvent_mask mask.mrc)")
+    mask, _ = read_map(p)
+    if mask.shape != (box,) * 3:
+        raise UserError(p, f"is {'x'.join(map(str, mask.shape))} but the particles are {box} px; give a "
+                           f"{box}³ mask (relion_mask_create on a map of the particles' box)")
+    lo, hi = float(np.nanmin(mask)), float(np.nanmax(mask))
+    if not np.all(np.isfinite(mask)) or lo < -1e-3 or hi > 1 + 1e-3:
+        raise UserError(p, f"has values from {lo:.3g} to {hi:.3g}; a solvent mask must lie between 0 and 1 "
+                           "(make it with relion_mask_create)")
+    if hi <= 0:
+        raise UserError(p, "is zero everywhere; give a mask around the region to classify")
+    return np.clip(mask, 0.0, 1.0).astype(np.float32)
+
+
+def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             use_gpu: bool = False, gpu: str | None = None, gpu_list: str | None = None, j: int | None = None,
             workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
             scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
             reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
             client: Any = None, K: int = 2, ini_high: float = -1.0,
             particle_diameter: float = -1.0, healpix_order: int = 2, offset_range: float = 6.0,
-            offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False, pad: float = 2,
-            tau2_fudge: float = 4.0, zero_mask: bool = False, flatten_solvent: bool = False, iter: int = 25,
-            random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
+            offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False,
+            pad: float | None = None, tau2_fudge: float | None = None, zero_mask: bool = False,
+            flatten_solvent: bool = False, solvent_mask: str | Path | None = None, skip_align: bool = False,
+            iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
             incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
-            command_line: str = "", log: Any = print) -> Class3DResult:
-    """3D classification into ``K`` classes; RELION's option names as keyword arguments (see the module doc).
+            continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class3DResult:
+    """3D classification into ``K`` classes; RELION's option names as keyword arguments.
 
-    The execution options (``use_gpu`` … ``no_parallel_disc_io``) say where the job runs, as
-    on the command line (:mod:`cryodask.cluster.client`); ``client`` runs it on an existing client.
+    Parameters
+    ----------
+    i
+        Particles: a STAR file or a particle store. With ``skip_align`` their poses
+        (``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/YAngst``) are used as they are.
+    o
+        Output rootname (``Class3D/run`` writes ``Class3D/run_it001_data.star``…).
+    ref
+        Initial reference (with ``skip_align`` and ``solvent_mask``: the consensus map whose
+        part outside the mask is subtracted from the images).
+    K, ini_high, particle_diameter, healpix_order, offset_range, offset_step, oversampling, sym, ctf
+        As RELION's options (offsets in pixels).
+    pad, tau2_fudge, iter
+        Default 2, 4 and 25; on ``continue_from`` the run's own values unless given.
+    solvent_mask
+        A mask (values in [0, 1]) applied to the references after every iteration; with
+        ``skip_align`` the focus mask of the classification.
+    skip_align
+        Classify without alignment, at each particle's input pose.
+    continue_from
+        An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
+        shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
+        execution options may change.
+    use_gpu … no_parallel_disc_io
+        Where the job runs, as on the command line (:mod:`cryodask.cluster.client`); ``client``
+        runs it on an existing client.
+
+    Returns
+    -------
+    Class3DResult
     """
+    if continue_from is None and ref is None:
+        raise UserError("--ref", "class3d needs an initial reference map (--ref), or --continue")
     if K < 1:
         raise UserError("--K", f"{K} classes: give at least 1")
-    opts = dict(i=str(i), o=str(o), ref=str(ref), K=int(K), ini_high=ini_high, particle_diameter=particle_diameter,
-                healpix_order=healpix_order, offset_range=offset_range, offset_step=offset_step,
-                oversampling=oversampling, sym=sym, ctf=ctf, pad=pad, tau2_fudge=tau2_fudge, zero_mask=zero_mask,
-                flatten_solvent=flatten_solvent, iter=iter, random_seed=random_seed, pool=pool,
-                skip_gridding=skip_gridding, incr_size=incr_size, perturb=perturb,
-                adaptive_fraction=adaptive_fraction, command_line=command_line, continue_from=None,
+    opts = dict(i=str(i), o=str(o), ref=None if ref is None else str(ref), K=int(K), ini_high=ini_high,
+                particle_diameter=particle_diameter, healpix_order=healpix_order, offset_range=offset_range,
+                offset_step=offset_step, oversampling=oversampling, sym=sym, ctf=ctf, pad=pad, tau2_fudge=tau2_fudge,
+                zero_mask=zero_mask, flatten_solvent=flatten_solvent,
+                solvent_mask=None if solvent_mask is None else str(solvent_mask), skip_align=bool(skip_align),
+                iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
+                perturb=perturb, adaptive_fraction=adaptive_fraction, command_line=command_line,
+                continue_from=None if continue_from is None else str(continue_from),
                 auto_local_healpix_order=99, low_resol_join_halves=-1.0, firstiter_cc=False, auto_iter_max=iter)
-    from cryodask.em.refine3d import _check_inputs
-
-    _check_inputs(opts)  # bad input fails before a cluster starts
+    _check(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
     from cryodask.cluster.job import job_session
 
@@ -101,83 +163,171 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path, *,
         return _classify(session, opts, log or (lambda *a, **k: None))
 
 
+def _check(opts: dict[str, Any]) -> None:
+    """Inputs that can be checked without a cluster: particles, reference, mask, poses, continue file."""
+    from cryodask.em.refine3d import _check_inputs, _open
+
+    if opts["continue_from"]:
+        from cryodask.em.state import read_optimiser
+
+        st, _ = read_optimiser(opts["continue_from"])
+        if not opts["pool"]:
+            opts["pool"] = st.max_pooled  # the same chunks as before
+    _check_inputs(opts)
+    if opts["solvent_mask"] or (opts["skip_align"] and not opts["continue_from"]):
+        particles = _open(opts)
+        if opts["solvent_mask"]:
+            read_solvent_mask(opts["solvent_mask"], int(particles.box))
+        if opts["skip_align"] and not opts["continue_from"]:
+            _check_poses(particles.table.particles, opts["i"])
+
+
+def _check_poses(parts: pd.DataFrame, source: str) -> None:
+    for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        if c not in parts.columns:
+            raise UserError(where(source, field=c), "--skip_align keeps each particle's pose, but the column is "
+                                                    "missing; give a refinement's _data.star")
+        v = pd.to_numeric(parts[c], errors="coerce").to_numpy(np.float64)
+        bad = np.flatnonzero(~np.isfinite(v))
+        if len(bad):
+            raise UserError(where(source, row=int(bad[0]) + 1, field=c),
+                            f"{parts[c].iloc[bad[0]]!r} is not an angle; fix or remove that particle")
+
+
 def _classify(session, opts, log) -> Class3DResult:
-    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sum_accumulators
-    from cryodask.em.model import Model, write_model
-    from cryodask.em.refine3d import (_Run, _all_shells, _column, _initial_sigma2, _last_shell_ssnr, _open,
-                                      _solvent_flatten, _tree, _write_map, coarse_image_size, image_size_for)
-    from cryodask.em.state import output_name, write_optimiser, write_sampling
-    from cryodask.geometry.healpix import angular_step, next_random_perturbation
-    from cryodask.em.state import iteration_rng
+    from cryodask.em.model import Model
+    from cryodask.em.refine3d import _Run, _initial_sigma2, _open, _write_map
+    from cryodask.em.state import output_name
+    from cryodask.geometry.healpix import angular_step
     from cryodask.io.mrc import read_map
-    from cryodask.io.star import ParticleTable, write_particles
     from cryodask.ops.filters import low_pass_filter
 
     particles = _open(opts)
     run = _Run(session, particles, opts)
-    client = session.client
-    K, box, apix = opts["K"], run.box, run.apix
-    nsh = box // 2 + 1
-    vol, _ = read_map(opts["ref"])
-    if vol.shape != (box,) * 3:
-        raise UserError(opts["ref"], f"is {vol.shape[-1]} px but the particles are {box} px; resample the reference")
-    if opts["ini_high"] > 0:
-        vol = low_pass_filter(vol, opts["ini_high"], apix)
-    st = run.state
     root = opts["o"]
-    st.output_root, st.random_seed, st.n_iterations = root, int(opts["random_seed"]), int(opts["iter"])
+    if opts["continue_from"]:
+        refs, model = _load_iteration(run, opts["continue_from"])
+        st = run.state
+        if opts["iter"] is not None:
+            st.n_iterations = int(opts["iter"])
+        if opts["pad"]:
+            model.pad = float(opts["pad"])
+        if opts["tau2_fudge"]:
+            model.tau2_fudge = float(opts["tau2_fudge"])
+        if opts["solvent_mask"]:
+            st.solvent_mask = str(Path(opts["solvent_mask"]).resolve())
+        opts["command_line"] = opts["command_line"] or st.output_root
+        st.output_root = root
+        return _iterate(run, refs, model, log)
+    K, box, apix = opts["K"], run.box, run.apix
+    vol, _ = read_map(opts["ref"])
+    st = run.state
+    st.output_root, st.random_seed = root, int(opts["random_seed"])
+    st.n_iterations = int(opts["iter"]) if opts["iter"] is not None else 25
     st.do_split_random_halves = st.do_auto_refine = False
     st.healpix_order = st.healpix_order_original = int(opts["healpix_order"])
-    st.psi_step = angular_step(st.healpix_order)
-    st.offset_range, st.offset_step = float(opts["offset_range"]), float(opts["offset_step"])
+    st.psi_step = st.psi_step_original = angular_step(st.healpix_order)
+    st.offset_range = st.offset_range_original = float(opts["offset_range"])
+    st.offset_step = st.offset_step_original = float(opts["offset_step"])
     st.adaptive_oversampling, st.adaptive_fraction = int(opts["oversampling"]), float(opts["adaptive_fraction"])
     st.sym, st.particle_diameter = opts["sym"], float(opts["particle_diameter"])
     st.do_zero_mask, st.do_solvent = bool(opts["zero_mask"]), bool(opts["flatten_solvent"])
     st.do_ctf_correction, st.incr_size = bool(opts["ctf"]), int(opts["incr_size"])
     st.perturbation_factor, st.ini_high = float(opts["perturb"]), float(opts["ini_high"])
+    st.max_pooled = int(particles.chunk_slices()[0].stop - particles.chunk_slices()[0].start)
+    st.do_skip_align = bool(opts["skip_align"])
+    mask = None
+    if opts["solvent_mask"]:
+        st.solvent_mask = str(Path(opts["solvent_mask"]).resolve())
+        mask = read_solvent_mask(st.solvent_mask, box)
     run.parts = run.parts.drop(columns=[c for c in ("rlnRandomSubset",) if c in run.parts.columns])
-    model = Model(ori_size=box, pixel_size=apix, n_classes=K, n_optics_groups=run.n_opt, pad=float(opts["pad"]),
-                  tau2_fudge=float(opts["tau2_fudge"]),
+    model = Model(ori_size=box, pixel_size=apix, n_classes=K, n_optics_groups=run.n_opt,
+                  pad=float(opts["pad"] or 2), tau2_fudge=float(opts["tau2_fudge"] or 4.0),
                   optics_group_names=[str(s) for s in run.optics["rlnOpticsGroupName"]])
     model.sigma2_noise[:] = _initial_sigma2(run)
     model.current_resolution = st.ini_high if st.ini_high > 0 else 4 * apix
+    if st.do_skip_align and mask is not None:
+        # focused classification: the consensus outside the mask is subtracted from every image
+        st.subtract_map = str(Path(str(output_name(root, None, "subtracted_outside_mask.mrc"))).resolve())
+        _write_map(st.subtract_map, vol * (1.0 - mask), apix)
+    if opts["ini_high"] > 0:
+        vol = low_pass_filter(vol, opts["ini_high"], apix)
+    if mask is not None:
+        vol = vol * mask
     refs = []
     for k in range(K):
         refs.append(str(output_name(root, 0, f"class{k + 1:03d}.mrc")))
         _write_map(refs[k], vol, apix)
+    return _iterate(run, refs, model, log)
+
+
+def _iterate(run, refs: list[str], model, log) -> Class3DResult:
+    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sum_accumulators
+    from cryodask.em.refine3d import (_all_shells, _column, _last_shell_ssnr, _solvent_flatten, _tree,
+                                      coarse_image_size, image_size_for)
+    from cryodask.em.skip_align import SkipAlignSetup, skip_align_chunk
+    from cryodask.em.state import iteration_rng
+    from cryodask.geometry.healpix import angular_step, next_random_perturbation
+
+    session, client, st = run.session, run.client, run.state
+    K, box, apix = model.n_classes, run.box, run.apix
+    nsh = box // 2 + 1
+    mask = read_solvent_mask(st.solvent_mask, box) if st.solvent_mask not in ("", "None") else None
     maps: list[np.ndarray] = []
     history = []
-    T = float(opts["tau2_fudge"])
-    for it in range(1, st.n_iterations + 1):
+    while st.iteration < st.n_iterations:
         t0 = time.time()
-        current_size = image_size_for(max(1, round(box * apix / model.current_resolution)), box, st.incr_size)
+        it = st.iteration + 1
+        T = float(model.tau2_fudge)
+        if it == 1 and st.ini_high > 0:
+            ires0 = max(1, round(box * apix / st.ini_high))
+        else:
+            ires0 = max(1, round(box * apix / model.current_resolution))
+        current_size = image_size_for(ires0, box, st.incr_size)
         current_size -= current_size % 2
         coarse_size = coarse_image_size(angular_step(st.healpix_order),
                                         st.particle_diameter if st.particle_diameter > 0 else 0.8 * box * apix,
                                         apix, box, current_size)
-        setup = IterationSetup(
-            iteration=it, box=box, pixel_size=apix, pad=model.pad, current_size=current_size, coarse_size=coarse_size,
-            reference_paths=[str(Path(r).resolve()) for r in refs], sigma2_noise=model.sigma2_noise[None],
-            sigma_offset=[model.sigma_offset], healpix_order=st.healpix_order, sym=st.sym,
-            random_perturbation=st.random_perturbation, offset_range=st.offset_range, offset_step=st.offset_step,
-            oversampling=st.adaptive_oversampling, adaptive_fraction=st.adaptive_fraction,
-            particle_diameter=st.particle_diameter, width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask,
-            do_ctf=st.do_ctf_correction, random_seed=st.random_seed, split_halves=False,
-            class_fractions=list(model.class_fractions), random_classes=(it == 1 and K > 1), n_acc_particles=0)
-        tau2_f = [client.submit(_power_spectrum, setup.reference_paths[k], model.pad, pure=False) for k in range(K)]
+        paths = [str(Path(r).resolve()) for r in refs]
+        random_classes = it == 1 and K > 1
+        if st.do_skip_align:
+            setup = SkipAlignSetup(
+                iteration=it, box=box, pixel_size=apix, pad=model.pad, current_size=current_size,
+                reference_paths=paths, sigma2_noise=np.asarray(model.sigma2_noise),
+                class_fractions=list(model.class_fractions), particle_diameter=st.particle_diameter,
+                width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
+                random_seed=st.random_seed, random_classes=random_classes,
+                subtract_path=None if st.subtract_map in ("", "None") else st.subtract_map)
+            task, name = skip_align_chunk, "class3d-skipalign"
+        else:
+            setup = IterationSetup(
+                iteration=it, box=box, pixel_size=apix, pad=model.pad, current_size=current_size,
+                coarse_size=coarse_size, reference_paths=paths, sigma2_noise=model.sigma2_noise[None],
+                sigma_offset=[model.sigma_offset], healpix_order=st.healpix_order, sym=st.sym,
+                random_perturbation=st.random_perturbation, offset_range=st.offset_range,
+                offset_step=st.offset_step, oversampling=st.adaptive_oversampling,
+                adaptive_fraction=st.adaptive_fraction, particle_diameter=st.particle_diameter,
+                width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
+                random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
+                random_classes=random_classes, n_acc_particles=0)
+            task, name = expectation_chunk, "class3d"
+        tau2_f = [client.submit(_power_spectrum, paths[k], model.pad, pure=False) for k in range(K)]
         futs = session.chunk_futures(run.particles)
-        results = [session.submit_scoring(expectation_chunk, f, run.chunk_meta(sl), setup, pure=False,
-                                 key=f"class3d-it{it:03d}-{n}-{f.key}")
+        results = [session.submit_scoring(task, f, run.chunk_meta(sl), setup, pure=False,
+                                          key=f"{name}-it{it:03d}-{n}-{f.key}")
                    for n, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True))]
         per_particle = [client.submit(particle_results, r, pure=False) for r in results]
-        total = _tree(client, results, sum_accumulators, key=f"class3d-sum-it{it:03d}-{results[0].key}")
+        total = _tree(client, results, sum_accumulators, key=f"{name}-sum-it{it:03d}-{results[0].key}")
         tau2 = client.gather(tau2_f)
-        rec = client.gather([client.submit(_reconstruct_class, total, k, tau2[k], T, opts["skip_gridding"], st.sym,
-                                           pure=False) for k in range(K)])
+        rec = client.gather([client.submit(_reconstruct_class, total, k, tau2[k], T, run.o["skip_gridding"],
+                                           st.sym, pure=False) for k in range(K)])
         acc = client.submit(_small, total, pure=False).result()
         pp = client.gather(per_particle)
+        del results, per_particle, total
         maps = [r[0] for r in rec]
-        if st.do_solvent:
+        if mask is not None:
+            maps = [(m * mask).astype(np.float32) for m in maps]
+        elif st.do_solvent:
             maps = [_solvent_flatten(m, st.particle_diameter, apix, st.width_mask_edge) for m in maps]
         # particles
         idx = np.concatenate([r.index for r in pp])
@@ -212,7 +362,7 @@ def _classify(session, opts, log) -> Class3DResult:
             model.sigma2_noise[g] = np.where(
                 inside, acc.sigma2_sum[0, g] / np.maximum(2.0 * acc.pixel_count[0, g], 1e-30),
                 acc.power_sum[0, g] / (2.0 * nn * np.maximum(npix_all, 1)))
-        if acc.weight_sum[0] > 0:
+        if acc.weight_sum[0] > 0 and not st.do_skip_align:
             model.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[0] / (2.0 * acc.weight_sum[0]))))
         for k in range(K):
             model.tau2[k] = tau2[k]
@@ -221,26 +371,17 @@ def _classify(session, opts, log) -> Class3DResult:
         ires = max(1, min(ires, current_size // 2))
         model.current_resolution = box * apix / ires
         model.current_size = current_size
+        model.estimated_resolution[:] = [box * apix / max(1, _last_shell_ssnr(model.data_vs_prior[k]))
+                                         for k in range(K)]
         model.ave_pmax = float(p["rlnMaxValueProbDistribution"].mean())
         model.log_likelihood = float(p["rlnLogLikeliContribution"].sum())
         model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
         st.iteration = it
         st.current_changes_optimal_classes = changes_classes
-        st.random_perturbation = next_random_perturbation(st.random_perturbation, st.perturbation_factor,
-                                                          iteration_rng(st.random_seed, it, 7))
-        # files
-        refs = [str(output_name(root, it, f"class{k + 1:03d}.mrc")) for k in range(K)]
-        for k in range(K):
-            _write_map(refs[k], maps[k], apix)
-        model.references = refs
-        data = output_name(root, it, "data.star")
-        write_particles(data, ParticleTable(optics=run.optics, particles=p))
-        mfile = output_name(root, it, "model.star")
-        write_model(mfile, model)
-        sfile = output_name(root, it, "sampling.star")
-        write_sampling(sfile, st)
-        write_optimiser(output_name(root, it, "optimiser.star"), st, command_line=opts["command_line"],
-                        model_files=str(mfile), data_file=str(data), sampling_file=str(sfile))
+        if not st.do_skip_align:
+            st.random_perturbation = next_random_perturbation(st.random_perturbation, st.perturbation_factor,
+                                                              iteration_rng(st.random_seed, it, 7))
+        opt_file = _write_iteration(run, model, maps)
         entry = dict(iteration=it, current_size=current_size, resolution=model.current_resolution,
                      class_fractions=model.class_fractions.tolist(), changes_classes=changes_classes,
                      seconds=time.time() - t0)
@@ -248,5 +389,58 @@ def _classify(session, opts, log) -> Class3DResult:
         log(f"class3d it{it:03d}: size {coarse_size}/{current_size}, resolution {model.current_resolution:.2f} Å, "
             f"classes {np.round(model.class_fractions, 3).tolist()}, {100 * changes_classes:.1f}% changed class, "
             f"{time.time() - t0:.1f} s")
+        # go on from what was written, so that --continue from any iteration gives the same result
+        refs, model = _load_iteration(run, opt_file)
+        st = run.state
     return Class3DResult(maps=maps, class_fractions=model.class_fractions, data=run.parts.copy(), pixel_size=apix,
-                         iterations=st.n_iterations, output_root=root, history=history)
+                         iterations=st.iteration, output_root=st.output_root, history=history)
+
+
+def _write_iteration(run, model, maps: list[np.ndarray]) -> Path:
+    from cryodask.em.model import write_model
+    from cryodask.em.refine3d import _write_map
+    from cryodask.em.state import output_name, write_optimiser, write_sampling
+    from cryodask.io.star import ParticleTable, write_particles
+
+    st = run.state
+    root, it = st.output_root, st.iteration
+    refs = [str(output_name(root, it, f"class{k + 1:03d}.mrc")) for k in range(model.n_classes)]
+    for k, m in enumerate(maps):
+        _write_map(refs[k], m, run.apix)
+    model.references = refs
+    data = output_name(root, it, "data.star")
+    write_particles(data, ParticleTable(optics=run.optics, particles=run.parts))
+    mfile = output_name(root, it, "model.star")
+    write_model(mfile, model)
+    sfile = output_name(root, it, "sampling.star")
+    write_sampling(sfile, st, run.apix)
+    opt = output_name(root, it, "optimiser.star")
+    write_optimiser(opt, st, command_line=run.o["command_line"], model_files=str(mfile), data_file=str(data),
+                    sampling_file=str(sfile))
+    return opt
+
+
+def _load_iteration(run, optimiser: str | Path):
+    """Restore the state, the model and the particles from an iteration's files; returns (references, model)."""
+    from cryodask.em.model import read_model
+    from cryodask.em.state import read_optimiser, resolve_file
+    from cryodask.io.star import read_particles
+
+    st, files = read_optimiser(optimiser)
+    data = resolve_file(files["data"], optimiser)
+    t = read_particles(data)
+    if len(t.particles) != run.n:
+        raise UserError(data, f"has {len(t.particles)} particles but --i has {run.n}; continue with the same "
+                              "particles")
+    names = files["model"].split()
+    if len(names) != 1 or st.do_split_random_halves:
+        raise UserError(optimiser, "is not from a 3D classification (it names half-set models); continue a "
+                                   "class3d run")
+    model = read_model(resolve_file(names[0], optimiser))
+    if model.ori_size != run.box:
+        raise UserError(optimiser, f"is from {model.ori_size} px particles but --i has {run.box} px; continue with "
+                                   "the same particles")
+    run.state = st
+    run.parts = t.particles.reset_index(drop=True)
+    refs = [str(resolve_file(r, optimiser)) for r in model.references]
+    return refs, model

@@ -109,6 +109,9 @@ class OptimiserState:
     sigma_ang: float = -1.0
     coarse_size: int = -1
     do_join_random_halves: bool = False
+    solvent_mask: str = "None"  # --solvent_mask (a file name, or "None")
+    do_skip_align: bool = False
+    subtract_map: str = "None"  # class3d --skip_align with a focus mask: the consensus map outside the mask
 
     def copy(self) -> "OptimiserState":
         from dataclasses import replace
@@ -159,6 +162,9 @@ _LABELS: dict[str, str] = {
     "sigma_ang": "rlnCryodaskSigmaAngles",
     "coarse_size": "rlnCryodaskCoarseImageSize",
     "do_join_random_halves": "rlnCryodaskJoinRandomHalves",
+    "solvent_mask": "rlnSolventMaskName",
+    "do_skip_align": "rlnDoSkipAlign",
+    "subtract_map": "rlnCryodaskSignalSubtractionMap",
 }
 
 _SAMPLING: dict[str, str] = {

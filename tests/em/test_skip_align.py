@@ -1,0 +1,162 @@
+"""class3d --skip_align: classification at fixed poses, focused by a mask with signal subtraction on the fly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryodask.em.skip_align import SkipAlignSetup, class_posteriors, skip_align_chunk
+from cryodask.io.mrc import write_map
+from cryodask.io.star import ParticleTable, read_particles, write_particles
+from cryodask.simulate import phantom, phantom_variant, simulate_particles, write_simulation
+
+BOX, APIX = 32, 5.0
+
+
+def focus_mask(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A soft mask around where two maps differ (what a user draws around a flexible region)."""
+    from scipy import ndimage
+
+    d = np.abs(a - b)
+    core = ndimage.binary_dilation(d > 0.1 * d.max(), iterations=2)
+    soft = ndimage.gaussian_filter(core.astype(np.float32), 1.5)
+    return np.clip(np.maximum(2 * soft, core), 0, 1).astype(np.float32)
+
+
+def _consensus_dataset(folder, n, seed=2):
+    """A 50/50 mixture whose true poses stand for a consensus refinement (its _data.star without classes)."""
+    a = phantom(BOX, seed=0)
+    b = phantom_variant(a, fraction=0.1, seed=1)
+    sim = simulate_particles([a, b], APIX, n=n, snr=0.3, seed=seed, n_optics_groups=2)
+    paths = write_simulation(folder, sim)
+    t = read_particles(paths["truth"])
+    write_particles(folder / "consensus.star",
+                    ParticleTable(optics=t.optics, particles=t.particles.drop(columns=["rlnClassNumber"])))
+    write_map(folder / "consensus.mrc", 0.5 * (a + b), APIX)
+    write_map(folder / "mask.mrc", focus_mask(a, b), APIX)
+    return a, b, sim
+
+
+def _accuracy(truth, got):
+    return max(np.mean(truth == got), np.mean(truth != got))  # labels may be swapped
+
+
+def test_class_posteriors():
+    d2 = np.array([[0.0, 2.0], [5.0, 5.0], [1000.0, 0.0]])
+    w, ev = class_posteriors(d2, np.array([0.5, 0.5]))
+    np.testing.assert_allclose(w[0], [1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))])
+    np.testing.assert_allclose(w[1], [0.5, 0.5])
+    np.testing.assert_allclose(w[2], [0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(ev[1], np.log(0.5 * np.exp(-5) * 2))
+    w, _ = class_posteriors(np.array([[1.0, 1.0]]), np.array([0.25, 0.75]))
+    np.testing.assert_allclose(w[0], [0.25, 0.75])
+    w, _ = class_posteriors(np.array([[0.0, 9.0]]), np.array([0.0, 1.0]))  # an empty class gets nothing
+    np.testing.assert_allclose(w[0], [0.0, 1.0])
+
+
+def _chunk(folder, sim, n):
+    from cryodask.em.iteration import ChunkMeta
+    from cryodask.ops.ctf import ctf_params
+
+    t = sim.truth.iloc[:n]
+    table = ParticleTable(optics=sim.optics, particles=sim.particles.iloc[:n])
+    meta = ChunkMeta(index=np.arange(n), rot=t.rlnAngleRot.to_numpy(), tilt=t.rlnAngleTilt.to_numpy(),
+                     psi=t.rlnAnglePsi.to_numpy(),
+                     origins_px=np.stack([t.rlnOriginXAngst, t.rlnOriginYAngst], 1) / APIX,
+                     half=np.ones(n, np.int64), optics=sim.particles.rlnOpticsGroup.to_numpy()[:n] - 1,
+                     ctf=ctf_params(table, source="sim"), premultiplied=None, n_optics=2)
+    return sim.images[:n], meta
+
+
+def test_chunk_scores_the_true_class_at_the_true_pose(tmp_path):
+    """One chunk, true maps as classes: the posterior picks each particle's class, with or without subtraction;
+    with subtraction of everything outside the mask, only the masked region is left to score."""
+    from cryodask.em.iteration import initial_noise_chunk, initial_sigma2
+
+    a, b, sim = _consensus_dataset(tmp_path, 60)
+    mask = focus_mask(a, b)
+    write_map(tmp_path / "a.mrc", a, APIX)
+    write_map(tmp_path / "b.mrc", b, APIX)
+    write_map(tmp_path / "am.mrc", a * mask, APIX)
+    write_map(tmp_path / "bm.mrc", b * mask, APIX)
+    write_map(tmp_path / "outside.mrc", 0.5 * (a + b) * (1 - mask), APIX)
+    images, meta = _chunk(tmp_path, sim, 60)
+    p, t, c = initial_noise_chunk(images, meta, pixel_size=APIX, particle_diameter=0.8 * BOX * APIX,
+                                  width_mask_edge=5, zero_mask=True)
+    sigma2 = initial_sigma2(p, t, c, BOX)
+    truth = sim.truth.rlnClassNumber.to_numpy()[:60]
+    common = dict(iteration=2, box=BOX, pixel_size=APIX, pad=2, current_size=BOX, sigma2_noise=sigma2,
+                  class_fractions=[0.5, 0.5], particle_diameter=0.8 * BOX * APIX, zero_mask=True)
+    full = skip_align_chunk(images, meta, SkipAlignSetup(reference_paths=[str(tmp_path / "a.mrc"),
+                                                                          str(tmp_path / "b.mrc")], **common))
+    focused = skip_align_chunk(images, meta, SkipAlignSetup(
+        reference_paths=[str(tmp_path / "am.mrc"), str(tmp_path / "bm.mrc")],
+        subtract_path=str(tmp_path / "outside.mrc"), **common))
+    for r in (full, focused):
+        assert np.mean(r.class_number == truth) >= 0.95
+        assert r.acc.class_weight.sum() == pytest.approx(60)
+        np.testing.assert_array_equal(r.rot, meta.rot)  # poses are kept
+        assert np.all(r.acc.bp[0].weight.sum() > 0) and np.all(r.acc.bp[1].weight.sum() > 0)
+    # without subtraction the masked classes explain the images far worse than with it
+    unsub = skip_align_chunk(images, meta, SkipAlignSetup(
+        reference_paths=[str(tmp_path / "am.mrc"), str(tmp_path / "bm.mrc")], **common))
+    assert focused.log_likelihood.mean() > unsub.log_likelihood.mean() + 10
+    # σ² sums: the residual of the focused fit is close to the noise of the full fit
+    ratio = focused.acc.sigma2_sum[0, :, 2:12].sum() / full.acc.sigma2_sum[0, :, 2:12].sum()
+    assert 0.9 < ratio < 1.1, ratio
+
+
+@pytest.mark.slow
+def test_focused_classification_separates_the_mixture(tmp_path):
+    """K=2, --skip_align at the consensus poses with a mask around the difference: >= 90% in the right class."""
+    from cryodask.cluster.local import local_client
+    from cryodask.em.class3d import class3d
+
+    a, b, sim = _consensus_dataset(tmp_path, 300)
+    with local_client(2) as client:
+        res = class3d(tmp_path / "consensus.star", tmp_path / "run", tmp_path / "consensus.mrc", K=2, ini_high=30.0,
+                      particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
+                      solvent_mask=tmp_path / "mask.mrc", iter=6, random_seed=3, pool=100, client=client, log=None)
+        # stopped after iteration 2 and continued: the same maps and classes
+        class3d(tmp_path / "consensus.star", tmp_path / "b" / "run", tmp_path / "consensus.mrc", K=2,
+                ini_high=30.0, particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
+                solvent_mask=tmp_path / "mask.mrc", iter=2, random_seed=3, pool=100, client=client, log=None)
+        cont = class3d(tmp_path / "consensus.star", tmp_path / "b" / "run", iter=6, client=client, log=None,
+                       continue_from=tmp_path / "b" / "run_it002_optimiser.star")
+    truth = sim.truth["rlnClassNumber"].to_numpy()
+    acc = _accuracy(truth, res.data["rlnClassNumber"].to_numpy())
+    assert acc >= 0.90, acc
+    assert np.all(res.class_fractions > 0.3)
+    # poses and origins are the consensus's, untouched
+    np.testing.assert_allclose(res.data["rlnAngleRot"], sim.truth["rlnAngleRot"], atol=1e-3)
+    np.testing.assert_allclose(res.data["rlnOriginXAngst"], sim.truth["rlnOriginXAngst"], atol=1e-3)
+    # the classes are masked, and differ where the true maps differ
+    mask = focus_mask(a, b)
+    assert np.all(np.abs(res.maps[0][mask == 0]) < 1e-6)
+    corr = np.corrcoef((a - b)[mask > 0.5], (res.maps[0] - res.maps[1])[mask > 0.5])[0, 1]
+    assert abs(corr) > 0.5, corr
+    # --continue ends where the uninterrupted run ended
+    assert cont.iterations == 6
+    for m_full, m_cont in zip(res.maps, cont.maps, strict=True):
+        assert np.abs(m_full - m_cont).max() <= 1e-5 * np.abs(m_full).max()
+    assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), res.data["rlnClassNumber"].to_numpy())
+
+
+def test_skip_align_needs_poses_and_a_sane_mask(tmp_path, capsys):
+    from cryodask.cli import main
+    from cryodask.em.class3d import class3d
+    from cryodask.errors import UserError
+
+    a, b, sim = _consensus_dataset(tmp_path, 20)
+    paths = {"particles": tmp_path / "particles.star"}  # no poses in the simulation's own table
+    with pytest.raises(UserError, match="rlnAngleRot"):
+        class3d(paths["particles"], tmp_path / "r", tmp_path / "consensus.mrc", skip_align=True, log=None)
+    write_map(tmp_path / "big.mrc", np.full((BOX,) * 3, 2.0, np.float32), APIX)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        class3d(tmp_path / "consensus.star", tmp_path / "r", tmp_path / "consensus.mrc", skip_align=True,
+                solvent_mask=tmp_path / "big.mrc", log=None)
+    write_map(tmp_path / "small.mrc", np.ones((16,) * 3, np.float32), APIX)
+    code = main(["class3d", "--i", str(tmp_path / "consensus.star"), "--o", str(tmp_path / "r"), "--ref",
+                 str(tmp_path / "consensus.mrc"), "--skip_align", "--solvent_mask", str(tmp_path / "small.mrc")])
+    assert code == 2
+    assert "32" in capsys.readouterr().err
