@@ -62,12 +62,22 @@ def import_jobqueue():
         return sys.modules["dask_jobqueue"]
     main = threading.current_thread() is threading.main_thread()
     old = signal.getsignal(signal.SIGINT) if main else None
+    real_signal = signal.signal
+    if not main:  # a job run from a thread (a notebook's, a GUI's): Python refuses handlers there
+        def signal_or_skip(signum, handler):
+            try:
+                return real_signal(signum, handler)
+            except ValueError:
+                return signal.getsignal(signum)
+
+        signal.signal = signal_or_skip
     try:
         import dask_jobqueue
     except ModuleNotFoundError:
         raise UserError("--cluster", "dask-jobqueue is not installed, so SLURM clusters are unavailable; "
                                      "pip install 'cryodask[slurm]'") from None
     finally:
+        signal.signal = real_signal
         if main and old is not None:
             signal.signal(signal.SIGINT, old)
     return dask_jobqueue

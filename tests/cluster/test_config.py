@@ -410,6 +410,17 @@ def test_importing_jobqueue_keeps_ctrl_c():
     assert out.stdout.split() == ["True", "True"], out.stderr
 
 
+def test_importing_jobqueue_first_from_a_thread():
+    # a SLURM job started from a thread (a notebook's, a GUI's): dask_jobqueue's import-time signal.signal
+    # raised ValueError there; the import works, and the main thread's Ctrl-C handler is untouched
+    code = ("import signal, sys, threading; from cryodask.cluster.slurm import import_jobqueue; "
+            "t = threading.Thread(target=import_jobqueue); t.start(); t.join(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'dask_jobqueue' in sys.modules, "
+            "signal.signal.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.stdout.split() == ["True", "True", "signal"], out.stderr
+
+
 def test_ctrl_c_during_local_job_exits_130(tmp_path):
     # a real SIGINT in the middle of a job: KeyboardInterrupt, cluster closed, status 130
     script = tmp_path / "job.py"
