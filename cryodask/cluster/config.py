@@ -549,9 +549,12 @@ def _check_slurm(spec: ClusterSpec, *, render: bool = True) -> list[Problem]:
         stagger = stagger or _timedelta(_get("distributed.worker.lifetime.stagger") or 0)
     if wall_s:
         if lifetime is None and not lifetime_given:
-            err("worker-extra-args", f"no --lifetime: SLURM kills the workers at the walltime ({walltime}) instead "
-                                     "of letting them leave cleanly; add \"--lifetime\", \"<walltime - 10m>\", "
-                                     "\"--lifetime-stagger\", \"4m\"", "warning")
+            from cryodask.cluster.slurm import walltime_lifetime_args
+
+            auto = " ".join(walltime_lifetime_args(wargs))
+            err("worker-extra-args", f"no --lifetime: cryodask adds {auto or 'none'} for the walltime ({walltime}), "
+                                     "so workers leave cleanly before SLURM kills them; set \"--lifetime\", "
+                                     "\"--lifetime-stagger\" to choose", "warning")
         elif lifetime is not None and lifetime + (stagger or 0) >= wall_s:
             err("worker-extra-args", f"--lifetime {lifetime / 60:g}m plus --lifetime-stagger {(stagger or 0) / 60:g}m "
                                      f"is not shorter than the walltime {walltime}: workers must leave before SLURM "

@@ -274,6 +274,21 @@ def test_cli_show_adds_gpu_resource(tmp_path, capsys):
     assert worker.endswith("--lifetime 50m --lifetime-stagger 4m --resources GPU=1")
 
 
+def test_cli_show_adds_lifetime_for_the_walltime(tmp_path, capsys):
+    # no --lifetime in the file: the workers leave 6 min (10 %) before the 1 h walltime, staggered over 3 min
+    text = BASE.replace('    worker-extra-args: ["--lifetime", "50m", "--lifetime-stagger", "4m"]\n', "")
+    assert cli(["cluster", "show", str(write(tmp_path, text))]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("--lifetime 3060s --lifetime-stagger 180s")
+    found = problems_of(tmp_path, text)
+    assert ("warning", "jobqueue.slurm.worker-extra-args", "no --lifetime: cryodask adds --lifetime 3060s "
+            "--lifetime-stagger 180s for the walltime (01:00:00), so workers leave cleanly before SLURM kills them; "
+            "set \"--lifetime\", \"--lifetime-stagger\" to choose") in found
+    # a lifetime from the dask configuration is kept as it is
+    with dask.config.set({"distributed.worker.lifetime.duration": "40m"}):
+        assert cli(["cluster", "show", str(write(tmp_path, text))]) == 0
+    assert "--lifetime" not in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_cli_show_local(capsys):
     assert cli(["cluster", "show", "local"]) == 0
     assert "local: " in capsys.readouterr().out
