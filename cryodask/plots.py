@@ -346,7 +346,7 @@ def _series(recs: list[dict[str, Any]], key: str) -> np.ndarray | None:
         if any(v is not None for v in vals):
             out = np.array([np.nan if v is None else float(v) for v in vals])
             out[(out >= 998) & (out <= 1000)] = np.nan  # RELION's 999: "not known yet"
-            return out
+            return None if np.all(np.isnan(out)) else out
     return None
 
 
@@ -369,6 +369,7 @@ def plot_convergence(history: Any, *, title: str | None = None) -> Any:
         One panel per quantity present, each panel's title naming it.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     recs = _records(history)
     it = _series(recs, "iteration")
@@ -406,6 +407,7 @@ def plot_convergence(history: Any, *, title: str | None = None) -> Any:
             a.plot(x, y, marker="o", ms=3, lw=1.2, label=lbl)
         a.set_title(name, fontsize=9)
         a.set_xlabel("iteration", fontsize=8)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         if unit:
             a.set_ylabel(unit, fontsize=8)
         a.tick_params(labelsize=7)

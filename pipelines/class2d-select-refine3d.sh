@@ -45,6 +45,7 @@ fi
 DIAM=${DIAMETER:+--particle_diameter $DIAMETER}
 
 echo "== import"
+mkdir -p Import Class2D Select Refine3D
 $CRYODASK import --i "$particles" --o Import/particles.zarr --overwrite
 
 echo "== class2d: K=$K, $ITER_2D iterations"

@@ -124,6 +124,9 @@ def test_convergence_has_a_panel_per_quantity():
     orient = fig.axes[2].lines[0].get_ydata()
     assert np.isnan(orient[0]) and orient[2] == pytest.approx(10 / 3)  # 999 = unknown, left out
     assert len(plots.plot_convergence([dict(iteration=1, resolution=20.0)]).axes[0].lines) == 1
+    # a quantity that is never known (999 throughout) gets no panel
+    unknown = [dict(iteration=i, resolution=20.0, changes_orient=999.0, changes_offset=999.0) for i in (1, 2)]
+    assert [a.get_title() for a in plots.plot_convergence(unknown).axes if a.get_title()] == ["resolution"]
 
 
 def test_save_figure_writes_a_png(tmp_path):

@@ -1,4 +1,8 @@
-"""open_run, reports and class selection on our own small runs and on RELION's files."""
+"""open_run, reports and class selection on our own small runs and on RELION's files.
+
+The tests on our own runs share one module fixture (three small jobs, about a minute on an idle
+machine) and are marked slow.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ def runs(tmp_path_factory):
     return folder, paths, {"refine3d": r3, "class3d": c3, "class2d": c2}
 
 
+@pytest.mark.slow
 def test_finished_refine3d(runs):
     folder, _, res = runs
     run = open_run(folder / "R")  # the job folder
@@ -73,6 +78,7 @@ def test_finished_refine3d(runs):
     assert it1.map_paths == [folder / "R" / "run_it001_half1_class001.mrc"]
 
 
+@pytest.mark.slow
 def test_a_running_refine3d_shows_its_last_iteration(runs, tmp_path):
     folder = runs[0]
     for f in (folder / "R").glob("run_it*"):
@@ -84,6 +90,7 @@ def test_a_running_refine3d_shows_its_last_iteration(runs, tmp_path):
     assert len(run.particles) == N  # named in the optimiser file as an absolute path, found beside it as well
 
 
+@pytest.mark.slow
 def test_class3d_and_class2d(runs):
     folder, _, res = runs
     c3 = open_run(folder / "C3")
@@ -104,6 +111,7 @@ def test_class3d_and_class2d(runs):
     assert c2.history["changes_classes"].iloc[1] == pytest.approx(float(opt["rlnChangesOptimalClasses"]))
 
 
+@pytest.mark.slow
 def test_plots_of_a_run_and_of_a_result_with_output_root(runs):
     folder, _, res = runs
     fig = open_run(folder / "C2").plot_classes()
@@ -124,6 +132,7 @@ def test_plots_of_a_run_and_of_a_result_with_output_root(runs):
         Result(str(folder / "C3" / "run")).plot_fsc()
 
 
+@pytest.mark.slow
 def test_report(runs, tmp_path):
     folder = runs[0]
     html_path = open_run(folder / "R").write_report()
@@ -141,6 +150,7 @@ def test_report(runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c2.html", "c2_classes.png", "c2_convergence.png"]
 
 
+@pytest.mark.slow
 def test_iteration_plots(runs):
     from cryodask.report import write_iteration_plots
 
@@ -152,6 +162,7 @@ def test_iteration_plots(runs):
     assert (folder / "C3" / "run_it001_slices.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_cli_report_and_select(runs, tmp_path, capsys):
     from cryodask.cli import main
 
@@ -206,6 +217,7 @@ def test_relion_tutorial_files(shared_data, tmp_path):
     assert h["changes_orientations"].iloc[0] == pytest.approx(10.079832)
 
 
+@pytest.mark.slow
 @pytest.mark.relion
 def test_relion_class3d_and_class2d_folders(runs, relion, tmp_path):
     """RELION 3.1 relion_refine writes the folders; open_run reads what its _model.star says."""
