@@ -49,6 +49,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars (for batch logs); lines stay")
     add_execution_args(parser)
 
 
@@ -60,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     res = class2d(args.i, args.o, K=args.K, iter=args.iter, psi_step=args.psi_step, offset_range=args.offset_range,
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
                   particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
-                  random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
+                  random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from, quiet=args.quiet,
                   command_line=command_line(args, "class2d"), **execution_keywords(vars(args)))
     fr = ", ".join(f"{f:.2f}" for f in res.class_fractions)
     print(f"class2d: {res.iterations} iterations; class fractions {fr}; "

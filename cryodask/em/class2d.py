@@ -52,6 +52,7 @@ import pandas as pd
 
 from cryodask import backend
 from cryodask.errors import UserError
+from cryodask.runs import RunViews
 
 __all__ = ["class2d", "Class2DResult", "Class2DSetup", "ChunkInput", "Class2DSums", "expectation_chunk",
            "initial_chunk", "fine_sampling", "coarse_image_size_2d"]
@@ -568,8 +569,9 @@ def reconstruct_class(bp: Any, tau2: np.ndarray, tau2_fudge: float) -> tuple[np.
 
 
 @dataclass
-class Class2DResult:
-    """What :func:`class2d` returns (besides the files it writes)."""
+class Class2DResult(RunViews):
+    """What :func:`class2d` returns (besides the files it writes); ``.plot_classes()``,
+    ``.plot_convergence()``, ``.write_report()`` read those files."""
 
     classes: np.ndarray  # (K, B, B) the final class averages
     class_fractions: np.ndarray
@@ -619,7 +621,8 @@ def class2d(particles: Any, o: str | Path, *,
             particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
             pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
             pool: int | None = None,
-            continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class2DResult:
+            continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
+            quiet: bool = False) -> Class2DResult:
     """2D classification; RELION's option names as keyword arguments.
 
     Parameters
@@ -665,6 +668,8 @@ def class2d(particles: Any, o: str | Path, *,
         one would.
     command_line
         Stored as the first line of each ``_optimiser.star``.
+    log, quiet
+        Where the progress lines go (None: nowhere); ``quiet``: no progress bars (batch logs).
 
     Returns
     -------
@@ -700,7 +705,7 @@ def class2d(particles: Any, o: str | Path, *,
                 tau2_fudge=float(tau2_fudge), particle_diameter=float(particle_diameter), zero_mask=bool(zero_mask),
                 ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
                 adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
-                command_line=command_line, pool=pool,
+                command_line=command_line, pool=pool, quiet=bool(quiet),
                 continue_from=None if continue_from is None else str(continue_from))
     from cryodask.cluster.job import job_session
 
@@ -708,7 +713,15 @@ def class2d(particles: Any, o: str | Path, *,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
                      preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
-        return _Run(session, parts_obj, opts, log or (lambda *a, **k: None)).run()
+        from cryodask.em.monitor import memory_preflight
+
+        fits = memory_preflight("class2d", session.client, parts_obj, chunk_given=bool(pool), K=int(K), pad=pad,
+                                offset_range=opts["offset_range"], offset_step=opts["offset_step"],
+                                oversampling=opts["oversampling"], psi_step=opts["psi_step"], log=log)
+        if fits is not None and state is None and isinstance(particles, (str, os.PathLike)):
+            parts_obj = open_particles(particles, chunk=fits)
+            opts["pool"] = fits
+        return _Run(session, parts_obj, opts, log).run()
 
 
 class _Run:
@@ -718,7 +731,12 @@ class _Run:
         from cryodask.em.model import Model
         from cryodask.em.state import OptimiserState
 
-        self.session, self.client, self.particles, self.o, self.log = session, session.client, particles, opts, log
+        self.session, self.client, self.particles, self.o = session, session.client, particles, opts
+        self.log = log or (lambda *a, **k: None)
+        from cryodask.em.monitor import JobMonitor
+
+        self.monitor = JobMonitor("class2d", session.client, output_root=opts["o"], total_iterations=opts["iter"],
+                                  log=log, quiet=opts.get("quiet", False))
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
         from cryodask.em.iteration import optics_tables
@@ -791,14 +809,20 @@ class _Run:
                  f"{time.perf_counter() - t0:.1f} s")
         seeds = iteration_rng(self.o["random_seed"], 1, 7).integers(0, self.K, self.n)
         images = None
+        from cryodask.geometry.shifts import translation_grid
+        from cryodask.progress import hidden_variable_sampling_points
+
+        points = hidden_variable_sampling_points(
+            self.K, 1, int(round(360.0 / self.o["psi_step"])),
+            len(translation_grid(self.o["offset_range"], self.o["offset_step"])),
+            oversampling=self.o["oversampling"], ref_dim=2)
         for it in range(start, self.o["iter"] + 1):
-            t1 = time.perf_counter()
             images = self._chunks()
             refs = self._iteration(it, images, refs, seeds if it == 1 else None)
             h = self.history[-1]
-            self.log(f"class2d: iteration {it}/{self.o['iter']}: resolution {h['resolution']:.1f} Å, "
-                     f"image size {h['current_size']}, <Pmax> {h['ave_pmax']:.3f}, "
-                     f"{time.perf_counter() - t1:.1f} s")
+            self.monitor.iteration_done(it, sampling_points=points, resolution=float(h["resolution"]),
+                                        image_size=int(h["current_size"]), pmax=float(h["ave_pmax"]))
+        self.monitor.finish()
         from cryodask.io.mrc import read_stack
 
         classes = np.array(read_stack(refs, mmap=False))
@@ -912,6 +936,7 @@ class _Run:
         parts = [c.submit(class_accumulator, total, k, pure=False, key=f"class2d-bp-{k}-{tag}") for k in range(self.K)]
         recs = [c.submit(reconstruct_class, parts[k], self.tau2[k], T, pure=False, key=f"class2d-rec-{k}-{tag}")
                 for k in range(self.K)]
+        self.monitor.track(outs, f"it{it:03d}")  # everything is submitted: reductions run as chunks finish
         results = c.gather(per_particle)
         sums = total.result()
         rec = c.gather(recs)

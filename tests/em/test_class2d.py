@@ -118,9 +118,10 @@ def test_class2d_sorts_views(tmp_path, monkeypatch):
 
     view, truth, img = _simulate(tmp_path / "data")
     monkeypatch.chdir(tmp_path / "data")
+    lines = []
     res = class2d("p.star", tmp_path / "out" / "run", K=10, iter=15, ctf=True, psi_step=10, offset_range=3,
                   offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True, pool=100, workers=2,
-                  random_seed=1, log=None)
+                  random_seed=1, log=lines.append)
     cls = res.data["rlnClassNumber"].to_numpy()
     assert class_purity(cls, view) >= 0.9
     matches = view_matches(res.classes, cls, view, truth)
@@ -155,6 +156,19 @@ def test_class2d_sorts_views(tmp_path, monkeypatch):
     assert (model["model_classes"]["rlnEstimatedResolution"].to_numpy()[fr > 0] < 20).all()
     first = open(f"{root}_it015_optimiser.star").readline()
     assert first.startswith("#")
+
+    # progress lines: RELION's NrHiddenVariableSamplingPoints (K x psi x translations x 2^os x 4^os), time left
+    its = [x for x in lines if x.startswith("class2d it")]
+    assert len(its) == 15 and its[0].startswith("class2d it001/015")
+    n_trans = 29  # the disc of radius 3 px in 1 px steps
+    assert f"{10 * 36 * n_trans * 2 * 4:,} sampling points/particle" in its[0]
+    assert "left" in its[0]
+    assert any("memory per worker" in x for x in lines)
+    # plots beside every iteration, the report at the end; the result's plots read the same files
+    assert (tmp_path / "out" / "run_it015_classes.png").stat().st_size > 1000
+    html = (tmp_path / "out" / "run_report.html").read_text()
+    assert "<img" in html
+    assert res.plot_classes().axes[0].get_title().endswith("iteration 15")
 
 
 @pytest.mark.relion
@@ -316,3 +330,20 @@ def test_chunk_in_batches_equals_one_batch(tmp_path, monkeypatch):
     assert np.allclose(one.sums.sigma2_sum, many.sums.sigma2_sum, rtol=1e-4)
     assert np.allclose(one.sums.class_weight, many.sums.class_weight, rtol=1e-5)
     assert one.sums.class_weight.sum() == pytest.approx(n, rel=1e-3)  # the significant samples hold ≥ 0.999
+
+
+def test_class2d_refuses_chunks_that_do_not_fit_before_starting(tmp_path, monkeypatch):
+    """A worker memory limit too small for the store's chunks: refused up front, naming the fix; nothing written."""
+    from distributed import Client, LocalCluster
+
+    from cryodask.em.class2d import class2d
+    from cryodask.errors import UserError
+
+    _simulate(tmp_path / "data")
+    monkeypatch.chdir(tmp_path / "data")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit="60MB",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with pytest.raises(UserError, match="E-step of class2d") as e:
+            class2d("p.star", tmp_path / "out" / "run", K=50, iter=2, pool=300, client=client, log=None)
+    assert "per worker" in str(e.value) and "--pad 1" in str(e.value) and "--K 25" in str(e.value)
+    assert not list((tmp_path / "out").glob("run_it*"))
