@@ -79,14 +79,18 @@ class JobProgress:
         Iterations expected, for the estimate of the time left (unknown: no estimate).
     stream
         Where lines and bars go (default ``sys.stderr``); ``None`` prints nothing at all.
+    log
+        If given, the lines go to ``log(line)`` instead of ``stream`` (bars still go to ``stream``),
+        e.g. a job's ``log=print`` or a logger's ``info``.
     """
 
     def __init__(self, job: str, *, quiet: bool = False, total_iterations: int | None = None,
-                 stream: TextIO | None | str = "stderr") -> None:
+                 stream: TextIO | None | str = "stderr", log: Any = None) -> None:
         self.job = job
         self.quiet = bool(quiet)
         self.total_iterations = total_iterations
         self.stream = sys.stderr if stream == "stderr" else stream
+        self.log = log
         self.iteration_seconds: list[float] = []
         self.lines: list[str] = []
         self.tracked: list[int] = []  # futures finished, per call of track
@@ -98,7 +102,9 @@ class JobProgress:
     # -- output --------------------------------------------------------------------------------
     def _print(self, line: str) -> None:
         self.lines.append(line)
-        if self.stream is not None:
+        if self.log is not None:
+            self.log(line)
+        elif self.stream is not None:
             print(line, file=self.stream, flush=True)
 
     def start(self, client: Any = None) -> str | None:

@@ -87,3 +87,11 @@ def test_hidden_variable_sampling_points_match_relions_log():
     assert hidden_variable_sampling_points(1, 192, 24, 37, oversampling=1) == 5455872
     # 2D: one direction, psi children 2^os, translation children 4^os
     assert hidden_variable_sampling_points(50, 1, 36, 21, oversampling=1, ref_dim=2) == 50 * 72 * 84
+
+
+def test_lines_to_a_log_bars_to_the_stream(client):
+    out, got = io.StringIO(), []
+    p = JobProgress("refine3d", stream=out, log=got.append)
+    p.track([client.submit(_slow_square, 2, pure=False)], "it001")
+    line = p.iteration_done(1, 1.0)
+    assert got == [line] == p.lines and line not in out.getvalue() and "it001" in out.getvalue()
