@@ -107,6 +107,10 @@ class JobProgress:
         elif self.stream is not None:
             print(line, file=self.stream, flush=True)
 
+    def note(self, line: str) -> None:
+        """Print a line of the job's own (kept in :attr:`lines` with the others)."""
+        self._print(line)
+
     def start(self, client: Any = None) -> str | None:
         """Mark the start; print the dashboard link of ``client`` (returned; None without a dashboard)."""
         self._t_start = self._t_last = time.perf_counter()

@@ -39,7 +39,7 @@ class JobMonitor:
     client
         The job's ``distributed.Client`` (its dashboard link is printed at the start).
     output_root
-        The job's ``--o``: plots go beside ``<o>_itNNN_*`` and the report to ``<o>_run_report.html``.
+        The job's ``--o``: plots go beside ``<o>_itNNN_*`` and the report to ``<o>_report.html``.
     total_iterations
         For the estimate of the time left (None: unknown, as in auto-refinement).
     log
@@ -58,15 +58,9 @@ class JobMonitor:
         self.job, self.output_root, self.plots, self.log = job, str(output_root), bool(plots), log
         # bars on stderr (none without a log or with quiet); the lines go through ``log``
         self.progress = JobProgress(job, quiet=quiet or log is None, total_iterations=total_iterations,
-                                    stream="stderr" if log is not None else None)
-        self.progress._print = self._line  # noqa: SLF001
+                                    stream="stderr" if log is not None else None, log=log or (lambda line: None))
         self._t = time.perf_counter()
         self.progress.start(client)
-
-    def _line(self, line: str) -> None:
-        self.progress.lines.append(line)
-        if self.log is not None:
-            self.log(line)
 
     def track(self, futures: Iterable[Any], desc: str) -> int:
         """A bar over ``futures`` until all have finished (results are not fetched)."""
@@ -98,7 +92,7 @@ class JobMonitor:
         except Exception as e:  # noqa: BLE001 - the job's files are written; the report is extra
             logger.warning("%s: no run report (%s)", self.job, e)
             return None
-        self._line(f"{self.job}: report {path}")
+        self.progress.note(f"{self.job}: report {path}")
         return path
 
 
