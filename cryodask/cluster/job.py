@@ -101,13 +101,20 @@ class JobSession:
         kw = {k: v for k, v in self.scratch.items() if k != "keep_scratch"}
         if kw.get("scratch_dir"):
             kw["job_id"] = self.job_id
-        return chunk_futures(self.client, particles, owners=self.owners, **kw)
+        futures = chunk_futures(self.client, particles, owners=self.owners, **kw)
+        self._owner_of = {f.key: w for f, w in zip(futures, self.owners, strict=True)}
+        return futures
 
-    def submit_scoring(self, func: Callable, *args: Any, **kwargs: Any):
-        """``client.submit`` for a task that scores images (asks for a GPU where the workers have them)."""
+    def submit_scoring(self, func: Callable, chunk: Any, *args: Any, **kwargs: Any):
+        """``client.submit(func, chunk, ...)`` for a task that scores a chunk's images: pinned (loosely)
+        to the worker holding the chunk, and asking for a GPU where the workers have them."""
+        owner = getattr(self, "_owner_of", {}).get(getattr(chunk, "key", None))
+        if owner is not None and "workers" not in kwargs:
+            # work stealing would otherwise move a few tasks away from their chunk
+            kwargs.update(workers=[owner], allow_other_workers=True)
         if self.gpu:
             kwargs.setdefault("resources", self.gpu)
-        return self.client.submit(func, *args, **kwargs)
+        return self.client.submit(func, chunk, *args, **kwargs)
 
 
 def _job_id(name: str) -> str:
