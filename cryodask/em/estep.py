@@ -285,6 +285,16 @@ class ScoringTerms:
         cross = self.cross.reshape(n_i, self.n_trans, k)[:, index, :].reshape(n_i * int(index.shape[0]), k)
         return replace(self, cross=xp.ascontiguousarray(cross), n_trans=int(index.shape[0]))
 
+    def select_particles(self, index: Any) -> ScoringTerms:
+        """The same terms for the particles ``index`` only (in the given order)."""
+        xp = array_module(self.cross)
+        index = xp.asarray(index, dtype=np.int64)
+        n_i, k = self.power.shape
+        cross = self.cross.reshape(n_i, self.n_trans, k)[index].reshape(int(index.shape[0]) * self.n_trans, k)
+        return replace(self, cross=xp.ascontiguousarray(cross), power=self.power[index],
+                       constant=self.constant[index],
+                       sqrt_xi2=None if self.sqrt_xi2 is None else self.sqrt_xi2[index])
+
 
 def scoring_terms(X_shifted: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int, scale: Any = 1.0,
                   multiplicity: Any = None, highres_Xi2: Any = None, mode: str = "ml",
@@ -985,6 +995,19 @@ def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections:
     mixing very different views): the cost is ``|union| / mean(|own set|)`` times the
     minimum. Sorting particles into chunks by their previous pose keeps the union small.
     """
+    post_c, lpo = _coarse_pass(coarse, fine, coarse_projections, n_over_trans=n_over_trans,
+                               log_prior_orient=log_prior_orient, log_prior_trans=log_prior_trans,
+                               adaptive_fraction=adaptive_fraction, maxsig=maxsig, logsigma2=logsigma2,
+                               block_bytes=block_bytes)
+    return _fine_pass(post_c, fine, fine_projector, lpo, log_prior_trans, n_class=len(coarse_projections),
+                      n_rc=int(coarse_projections[0].shape[0]), n_over_rot=n_over_rot, n_over_trans=n_over_trans,
+                      adaptive_fraction=adaptive_fraction, logsigma2=logsigma2, block_bytes=block_bytes)
+
+
+def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: Sequence[Any], *, n_over_trans: int,
+                 log_prior_orient: Any, log_prior_trans: Any, adaptive_fraction: float, maxsig: int,
+                 logsigma2: Any, block_bytes: int) -> tuple[Posterior, Any]:
+    """Pass 0 of :func:`score_two_pass`: the coarse posterior and the class-flattened orientation prior."""
     xp = array_module(coarse.cross)
     if coarse.mode != fine.mode:
         raise ValueError("coarse and fine terms must use the same mode")
@@ -1000,8 +1023,6 @@ def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections:
     rdt = coarse.power.dtype
     orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
     lpo = _class_priors(xp, log_prior_orient, n_i, n_class, n_rc)
-
-    # ---- pass 0: coarse
     diff2 = xp.empty((n_i, n_class * n_rc, n_tc), dtype=rdt)
     for c, Pc in enumerate(coarse_projections):
         score_terms(coarse, Pc, include_constant=False, out=diff2[:, c * n_rc:(c + 1) * n_rc, :],
@@ -1010,7 +1031,17 @@ def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections:
                                orient_class=orient_class_c, adaptive_fraction=adaptive_fraction,
                                maxsig=maxsig, mode=coarse.mode, diff2_offset=coarse.constant,
                                logsigma2=logsigma2)
-    del diff2
+    return post_c, lpo
+
+
+def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[int, Any], Any], lpo: Any,
+               log_prior_trans: Any, *, n_class: int, n_rc: int, n_over_rot: int, n_over_trans: int,
+               adaptive_fraction: float, logsigma2: Any, block_bytes: int) -> TwoPassResult:
+    """Pass 1 of :func:`score_two_pass`: dense over the union of the particles' significant coarse samples."""
+    xp = array_module(fine.cross)
+    rdt = fine.power.dtype
+    n_i = fine.n_particles
+    orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
     sig = post_c.significant
     rows = xp.nonzero(sig.any(axis=(0, 2)))[0]  # union of significant (class, orientation)
     tcs = xp.nonzero(sig.any(axis=(0, 1)))[0]  # union of significant coarse translations
@@ -1018,7 +1049,6 @@ def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections:
     fine_t = (tcs[:, None] * n_over_trans + child_t[None, :]).reshape(-1)
     fine_sub = fine.select_translations(fine_t)
 
-    # ---- pass 1: fine, dense over the unions, then masked
     classes: list[FineClass] = []
     start = 0
     child_r = xp.arange(n_over_rot)
@@ -1048,3 +1078,109 @@ def score_two_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections:
                                maxsig=-1, mode=fine.mode, diff2_offset=fine.constant, logsigma2=logsigma2)
     return TwoPassResult(coarse=post_c, fine=post_f, classes=classes, fine_translations=fine_t,
                          n_over_rot=n_over_rot, n_over_trans=n_over_trans)
+
+
+def _take(x: Any, idx: Any, n: int) -> Any:
+    """Rows ``idx`` of a per-particle array (first axis ``n``); shared arrays and scalars as they are."""
+    if x is None or np.ndim(x) == 0:
+        return x
+    return x[idx] if int(x.shape[0]) == n and np.ndim(x) >= 1 else x
+
+
+def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: float = 500.0) -> list[np.ndarray]:
+    """Split a chunk's particles into groups whose fine passes are cheaper apart than together.
+
+    The fine pass of a group costs about ``n · |R| · |T|`` (particles × union of their significant
+    coarse orientations × union of coarse translations, in units of one coarse sample's oversampled
+    GEMM block), plus ``projection_cost · |R|`` to project the orientations' children and
+    ``group_cost`` per group. With broad posteriors (early iterations) one union over the chunk is
+    nearly the whole grid and costs many times the particles' own sets; walking the particles in
+    the order of their best coarse orientation, each joins the current group only if that costs no
+    more than starting a new one. Particles with no significant sample join the current group.
+
+    Parameters
+    ----------
+    significant : (N_i, N_r, N_t) bool
+        The coarse pass's significant samples (NumPy or CuPy; the grouping runs on the host).
+
+    Returns
+    -------
+    Particle indices of each group (sorted within a group); together a partition of ``range(N_i)``.
+    """
+    from cryodask.backend import to_numpy
+
+    rows = to_numpy(significant.any(axis=2))
+    trans = to_numpy(significant.any(axis=1))
+    n = rows.shape[0]
+    if n == 0:
+        return []
+    nr, nt = rows.sum(axis=1), trans.sum(axis=1)
+    best = np.where(nr > 0, rows.argmax(axis=1), -1)
+    order = np.argsort(best, kind="stable")
+    groups: list[list[int]] = []
+    R = T = None
+    cnt = 0
+    for i in order:
+        if R is not None and nr[i] == 0:
+            groups[-1].append(int(i))
+            continue
+        if R is None:
+            groups.append([int(i)])
+            R, T, cnt = rows[i].copy(), trans[i].copy(), 1
+            continue
+        Ru, Tu = R | rows[i], T | trans[i]
+        nru, ntu = int(Ru.sum()), int(Tu.sum())
+        nrg, ntg = int(R.sum()), int(T.sum())
+        merged = (cnt + 1) * nru * ntu + projection_cost * nru
+        apart = cnt * nrg * ntg + projection_cost * nrg + group_cost + nr[i] * nt[i] + projection_cost * nr[i]
+        if merged <= apart:
+            groups[-1].append(int(i))
+            R, T, cnt = Ru, Tu, cnt + 1
+        else:
+            groups.append([int(i)])
+            R, T, cnt = rows[i].copy(), trans[i].copy(), 1
+    return [np.sort(np.asarray(g, np.int64)) for g in groups]
+
+
+def _posterior_rows(post: Posterior, idx: Any) -> Posterior:
+    return Posterior(**{k: getattr(post, k)[idx] for k in post.__dataclass_fields__})
+
+
+def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: Sequence[Any],
+                           fine_projector: Callable[[Any, int, Any], Any], *, n_over_rot: int, n_over_trans: int,
+                           log_prior_orient: Any = None, log_prior_trans: Any = None,
+                           adaptive_fraction: float = 0.999, maxsig: int = -1, logsigma2: Any = None,
+                           block_bytes: int = DEFAULT_BLOCK_BYTES, projection_cost: float = 8.0,
+                           group_cost: float = 500.0) -> list[tuple[Array, TwoPassResult]]:
+    """:func:`score_two_pass` with the fine pass run per group of particles (:func:`fine_groups`).
+
+    The coarse pass is one GEMM over the chunk; the fine pass of each group is dense over that
+    group's union only, so its cost follows the particles' own significant sets when they
+    disagree (broad posteriors in the first iterations) and stays one large GEMM when they agree.
+    Each particle's posterior is the same as in :func:`score_two_pass` (posteriors are per
+    particle); only the layout of the result differs.
+
+    ``fine_projector(group, class_index, fine_orientation_indices)`` gets the group's particle
+    indices first. Returns ``[(particle indices, TwoPassResult of those particles), ...]``.
+    """
+    post_c, lpo = _coarse_pass(coarse, fine, coarse_projections, n_over_trans=n_over_trans,
+                               log_prior_orient=log_prior_orient, log_prior_trans=log_prior_trans,
+                               adaptive_fraction=adaptive_fraction, maxsig=maxsig, logsigma2=logsigma2,
+                               block_bytes=block_bytes)
+    xp = array_module(fine.cross)
+    n_i = fine.n_particles
+    out = []
+    for g in fine_groups(post_c.significant, projection_cost=projection_cost, group_cost=group_cost):
+        gi = xp.asarray(g)
+        sub = fine if len(g) == n_i else fine.select_particles(gi)
+        pc = post_c if len(g) == n_i else _posterior_rows(post_c, gi)
+        res = _fine_pass(pc, sub, lambda c, orient, g=g: fine_projector(g, c, orient), _take(lpo, gi, n_i)
+                         if lpo is not None and lpo.ndim == 2 else lpo,
+                         None if log_prior_trans is None else (
+                             _take(xp.asarray(log_prior_trans), gi, n_i) if np.ndim(log_prior_trans) >= 2
+                             else log_prior_trans),
+                         n_class=len(coarse_projections), n_rc=int(coarse_projections[0].shape[0]),
+                         n_over_rot=n_over_rot, n_over_trans=n_over_trans, adaptive_fraction=adaptive_fraction,
+                         logsigma2=_take(logsigma2, gi, n_i), block_bytes=block_bytes)
+        out.append((g, res))
+    return out

@@ -77,6 +77,7 @@ class IterationSetup:
     class_fractions: list[float] | None = None  # class3d priors
     random_classes: bool = False  # class3d's first iteration: each particle to one random class
     batch_size: int = 0  # particles scored together in global searches (0: the whole chunk; smaller was slower)
+    maxsig: int = -1  # RELION's --maxsig: at most this many significant coarse samples per particle (-1: no cap)
 
 
 @dataclass
@@ -271,17 +272,85 @@ def _inv_sigma2(sigma2: np.ndarray, optics: np.ndarray, shell: np.ndarray, *, or
     return inv.astype(np.float32)
 
 
+class _FineCache:
+    """Fine projections of one class, each oversampled coarse orientation projected once per batch,
+    and the weighted slices summed per fine orientation over the batch's particle groups (so each
+    is inserted into the 3D accumulator once)."""
+
+    def __init__(self, proj: Any, sampling: Any, coarse_index: np.ndarray, oversampling: int, kx: Any, ky: Any):
+        self.proj, self.sampling, self.coarse_index, self.os_ = proj, sampling, coarse_index, oversampling
+        self.kx, self.ky = kx, ky
+        self.n_over = 8 ** oversampling
+        self.slot = np.full(len(coarse_index), -1, np.int64)
+        self.n = 0
+        self.P = self.mats = self.data = self.weight = self.touched = None
+
+    def _grow(self, need: int, like: Any) -> None:
+        xp = backend.array_module(like)
+        cap = 0 if self.P is None else self.P.shape[0] // self.n_over
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 16)
+        k = like.shape[1]
+
+        def grown(old, shape, dtype, mod):
+            new = mod.zeros(shape, dtype)
+            if old is not None:
+                new[:old.shape[0]] = old
+            return new
+
+        rows = cap * self.n_over
+        self.P = grown(self.P, (rows, k), like.dtype, xp)
+        self.mats = grown(self.mats, (rows, 3, 3), np.float32, np)
+        self.data = grown(self.data, (rows, k), like.dtype, xp)
+        self.weight = grown(self.weight, (rows, k), np.float32, xp)
+        self.touched = grown(self.touched, (rows,), bool, np)
+
+    def rows(self, orient: Any) -> np.ndarray:
+        """Storage rows of fine orientations ``rc·n_over + child`` (projecting the missing ones)."""
+        orient = backend.to_numpy(orient)
+        rc = orient[::self.n_over] // self.n_over
+        miss = np.unique(rc[self.slot[rc] < 0])
+        if len(miss):
+            mats = self.sampling.oversample(self.coarse_index[miss], self.os_).matrices(np.float32)
+            P = self.proj.sample(mats, self.kx, self.ky)
+            self._grow(self.n + len(miss), P)
+            r0 = self.n * self.n_over
+            self.P[r0:r0 + len(P)] = P
+            self.mats[r0:r0 + len(P)] = mats
+            self.slot[miss] = self.n + np.arange(len(miss))
+            self.n += len(miss)
+        return (self.slot[rc][:, None] * self.n_over + np.arange(self.n_over)[None, :]).reshape(-1)
+
+    def add(self, rows: np.ndarray, data: Any, weight: Any) -> None:
+        self.data[rows] += data  # rows are distinct within one call
+        self.weight[rows] += weight
+        self.touched[rows] = True
+
+    def inserts(self) -> tuple[np.ndarray, Any, Any]:
+        """(rotation matrices, data slices, weight slices) of the fine orientations that received weight."""
+        if self.P is None:
+            return np.zeros((0, 3, 3), np.float32), None, None
+        used = np.flatnonzero(self.touched[:self.n * self.n_over])
+        return self.mats[used], self.data[used], self.weight[used]
+
+
 def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampling, coarse_index, log_prior_orient,
                  kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset,
                  P_c=None):
     """Score one batch of particles against every class in ``projs`` (one set of coarse orientations).
 
-    Returns the :class:`~cryodask.em.estep.TwoPassResult`, and per class ``(MStepSums, fine rotation
-    matrices)`` or ``None`` when the class received no significant sample.
+    The coarse pass covers the batch; the fine pass runs per group of particles
+    (:func:`cryodask.em.estep.score_two_pass_grouped`), so that broad posteriors do not make it
+    dense over the whole grid. Returns ``(groups, inserts)``: one entry per group
+    ``(particle rows in the batch, TwoPassResult, per class (MStepSums, fine rotation matrices) or
+    None when the class received no significant sample)``, and per class the weighted slices
+    summed over the groups per fine orientation, ``(rotation matrices, data, weight)``, to insert.
     """
     from cryodask.em.estep import (gaussian_log_prior_trans, mstep_sums, offset_prior_diff2, phase_ramps,
-                                   precompute_shifted, score_two_pass, scoring_terms)
+                                   precompute_shifted, score_two_pass_grouped, scoring_terms)
 
+    xp = backend.array_module(Xc)
     n_i = Xc.shape[0]
     os_ = setup.oversampling
     n_over_rot, n_over_trans = 8 ** os_, 4 ** os_
@@ -299,35 +368,44 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampli
     if P_c is None:
         mats_c = sampling.orientations(coarse_index).matrices(np.float32)
         P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
-    mats_f: dict[int, np.ndarray] = {}
+    caches = [_FineCache(proj, sampling, coarse_index, os_, kx_f, ky_f) for proj in projs]
+    rows_f: dict[tuple[int, int], np.ndarray] = {}
 
-    def fine_projector(c: int, orient: np.ndarray) -> np.ndarray:
-        orient = np.asarray(orient)
-        rc = orient[::n_over_rot] // n_over_rot
-        mats = sampling.oversample(coarse_index[rc], os_).matrices(np.float32)
-        mats_f[c] = mats
-        return projs[c].sample(mats, kx_f, ky_f)
+    def fine_projector(g: np.ndarray, c: int, orient: Any) -> Any:
+        r = caches[c].rows(orient)
+        rows_f[(int(g[0]), c)] = r
+        return caches[c].P[r]
 
     lpt = gaussian_log_prior_trans(t_coarse, np.zeros((n_i, 2)), sigma_offset=sigma_offset,
                                    angpix=setup.pixel_size)
-    res = score_two_pass(coarse, fine, P_c, fine_projector, n_over_rot=n_over_rot, n_over_trans=n_over_trans,
-                         log_prior_orient=log_prior_orient, log_prior_trans=lpt,
-                         adaptive_fraction=setup.adaptive_fraction)
-    t_sel = t_fine[res.fine_translations]
-    ramps_sel = ramps_f[res.fine_translations]
-    Xu_s = precompute_shifted(Xu, ramps_sel)
-    Xm_s = precompute_shifted(Xf, ramps_sel)
-    od2 = offset_prior_diff2(t_sel, np.zeros((n_i, 2)), angpix=setup.pixel_size)
-    out: list[Any] = []
-    for c, fcl in enumerate(res.classes):
-        if c not in mats_f or fcl.stop == fcl.start:
-            out.append(None)
-            continue
-        w, sig = res.class_weights(c)
-        sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f, inv_sigma2=isg_m, n_trans=len(t_sel),
-                          X_shifted_masked=Xm_s, significant=sig, group=optics, n_groups=n_optics, offset_diff2=od2)
-        out.append((sums, mats_f[c]))
-    return res, out
+    groups = score_two_pass_grouped(coarse, fine, P_c, fine_projector, n_over_rot=n_over_rot,
+                                    n_over_trans=n_over_trans, log_prior_orient=log_prior_orient,
+                                    log_prior_trans=lpt, adaptive_fraction=setup.adaptive_fraction,
+                                    maxsig=setup.maxsig)
+    out_groups = []
+    for g, res in groups:
+        t_sel = t_fine[backend.to_numpy(res.fine_translations)]
+        ramps_sel = ramps_f[res.fine_translations]
+        Xu_s = precompute_shifted(Xu[g], ramps_sel)
+        Xm_s = precompute_shifted(Xf[g], ramps_sel)
+        od2 = offset_prior_diff2(t_sel, np.zeros((len(g), 2)), angpix=setup.pixel_size)
+        isg_g = isg_m[g] if getattr(isg_m, "ndim", 1) == 2 else isg_m
+        out: list[Any] = []
+        for c, fcl in enumerate(res.classes):
+            key = (int(g[0]), c)
+            if key not in rows_f or fcl.stop == fcl.start:
+                out.append(None)
+                continue
+            w, sig = res.class_weights(c)
+            sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f[g], inv_sigma2=isg_g, n_trans=len(t_sel),
+                              X_shifted_masked=Xm_s, significant=sig, group=optics[g], n_groups=n_optics,
+                              offset_diff2=od2)
+            act = backend.to_numpy(sums.orientations)
+            caches[c].add(rows_f[key][act], sums.data, sums.weight)
+            out.append((sums, caches[c].mats[rows_f[key]]))
+        out_groups.append((g, res, out))
+    del xp
+    return out_groups, [c.inserts() for c in caches]
 
 
 def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup) -> ChunkResult:
@@ -443,47 +521,51 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
             elif lp is not None:
                 lp = np.broadcast_to(lp[None, :], (len(projs), len(idx)))
             kw.update(coarse_index=idx, log_prior_orient=lp)
-            res, per_class = _score_batch(**kw)
-            fail = np.asarray(res.fine.failed)
-            failed[b] |= fail
-            # per-particle best pose: its class and the row of that class's fine matrices
-            pos = np.asarray(res.fine.best_orientation)
-            ok = ~fail
-            best = np.zeros((len(b), 3, 3))
-            cls = np.zeros(len(b), np.int64)
-            for c, fcl in enumerate(res.classes):
-                inside = (pos >= fcl.start) & (pos < fcl.stop) & ok
-                if inside.any() and per_class[c] is not None:
-                    best[inside] = per_class[c][1][pos[inside] - fcl.start]
-                    cls[inside] = refs[c]
-            ok &= np.abs(best).sum(axis=(1, 2)) > 0
-            rot, tilt, psi = matrix_to_euler(best[ok]) if ok.any() else (np.zeros(0),) * 3
-            out_rot[b[ok]], out_tilt[b[ok]], out_psi[b[ok]] = rot, tilt, psi
-            out_orig[b[ok]] = meta.origins_px[b[ok]] + t_fine[np.asarray(res.fine_translations)[
-                np.asarray(res.fine.best_translation)]][ok]
-            out_class[b] = cls
-            pmax[b] = res.fine.pmax
-            nsig[b] = res.coarse.n_significant
-            ll[b] = res.fine.log_likelihood
-            for c, item in enumerate(per_class):
-                if item is None:
-                    continue
-                sums, mats = item
-                k = refs[c]
-                act = np.asarray(sums.orientations)
-                if len(act):  # insert the weighted slices at their orientations
-                    slices = np.zeros((len(act), box * (box // 2 + 1)), np.complex64)
-                    weights = np.zeros((len(act), box * (box // 2 + 1)), np.float32)
-                    slices[:, flat_f] = sums.data
-                    weights[:, flat_f] = sums.weight
-                    acc.bp[k].insert(slices.reshape(len(act), box, box // 2 + 1), mats[act],
-                                     weights=weights.reshape(len(act), box, box // 2 + 1))
-                for o in range(n_opt):
-                    acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(sums.sigma2_noise[o], np.float64),
-                                                        minlength=nsh)[:nsh]
-                acc.sigma2_offset[h] += sums.sigma2_offset
-                acc.weight_sum[h] += float(np.asarray(sums.sum_weight).sum())
-                acc.class_weight[k] += sums.class_weight
+            groups, inserts = _score_batch(**kw)
+            for c, (mats, data, weight) in enumerate(inserts):
+                if len(mats):  # insert the weighted slices at their orientations
+                    slices = np.zeros((len(mats), box * (box // 2 + 1)), np.complex64)
+                    weights = np.zeros((len(mats), box * (box // 2 + 1)), np.float32)
+                    slices[:, flat_f] = backend.to_numpy(data)
+                    weights[:, flat_f] = backend.to_numpy(weight)
+                    acc.bp[refs[c]].insert(slices.reshape(len(mats), box, box // 2 + 1), mats,
+                                           weights=weights.reshape(len(mats), box, box // 2 + 1))
+                    del slices, weights
+            for g, res, per_class in groups:
+                bg = b[g]
+                fail = backend.to_numpy(res.fine.failed)
+                failed[bg] |= fail
+                # per-particle best pose: its class and the row of that class's fine matrices
+                pos = backend.to_numpy(res.fine.best_orientation)
+                ok = ~fail
+                best = np.zeros((len(bg), 3, 3))
+                cls = np.zeros(len(bg), np.int64)
+                for c, fcl in enumerate(res.classes):
+                    inside = (pos >= fcl.start) & (pos < fcl.stop) & ok
+                    if inside.any() and per_class[c] is not None:
+                        best[inside] = per_class[c][1][pos[inside] - fcl.start]
+                        cls[inside] = refs[c]
+                ok &= np.abs(best).sum(axis=(1, 2)) > 0
+                rot, tilt, psi = matrix_to_euler(best[ok]) if ok.any() else (np.zeros(0),) * 3
+                out_rot[bg[ok]], out_tilt[bg[ok]], out_psi[bg[ok]] = rot, tilt, psi
+                ft = backend.to_numpy(res.fine_translations)[backend.to_numpy(res.fine.best_translation)]
+                out_orig[bg[ok]] = meta.origins_px[bg[ok]] + t_fine[ft][ok]
+                out_class[bg] = cls
+                pmax[bg] = backend.to_numpy(res.fine.pmax)
+                nsig[bg] = backend.to_numpy(res.coarse.n_significant)
+                ll[bg] = backend.to_numpy(res.fine.log_likelihood)
+                for c, item in enumerate(per_class):
+                    if item is None:
+                        continue
+                    sums, mats = item
+                    k = refs[c]
+                    s2n = backend.to_numpy(sums.sigma2_noise)
+                    for o in range(n_opt):
+                        acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(s2n[o], np.float64),
+                                                            minlength=nsh)[:nsh]
+                    acc.sigma2_offset[h] += sums.sigma2_offset
+                    acc.weight_sum[h] += float(backend.to_numpy(sums.sum_weight).sum())
+                    acc.class_weight[k] += sums.class_weight
         # expected accuracy (RELION's calculateExpectedAngularErrors, simplified) on a few particles
         k = min(setup.n_acc_particles, len(sel))
         if k and setup.mode == "ml":

@@ -557,3 +557,57 @@ def test_cupy_matches_numpy(rng):
     np.testing.assert_allclose(cp.asnumpy(d_cp), d_np, rtol=1e-4, atol=1e-4)
     post = posterior_weights(d_cp)
     np.testing.assert_allclose(cp.asnumpy(post.weights), posterior_weights(d_np).weights, rtol=1e-3, atol=1e-7)
+
+
+def test_grouped_fine_pass_gives_each_particle_the_same_posterior(rng):
+    """score_two_pass_grouped: the fine pass per group of particles, the same posteriors as one dense pass."""
+    from cryodask.em.estep import fine_groups, score_two_pass_grouped
+
+    freqs, _ = half_plane_window()
+    k = freqs.shape[0]
+    n_i, n_class, n_rc, n_tc, n_or, n_ot = 12, 2, 30, 4, 4, 2
+    base = rng.normal(size=(n_class, n_rc, 1, k)) + 1j * rng.normal(size=(n_class, n_rc, 1, k))
+    fine_P = (base + 0.3 * (rng.normal(size=(n_class, n_rc, n_or, k)) + 1j * rng.normal(
+        size=(n_class, n_rc, n_or, k)))).reshape(n_class, n_rc * n_or, k)
+    coarse_P = fine_P.reshape(n_class, n_rc, n_or, k).mean(axis=2)
+    ctf = rng.uniform(0.5, 1, size=(n_i, k))
+    inv_s2 = np.full(k, 1 / 2.0)  # a few significant coarse samples per particle, different ones per particle
+    tc = rng.uniform(-2, 2, size=(n_tc, 2))
+    tf = (tc[:, None, :] + 0.5 * rng.uniform(-1, 1, size=(n_tc, n_ot, 2))).reshape(-1, 2)
+    truth = rng.integers(0, n_rc * n_or, n_i)
+    X = rng.normal(size=(n_i, k)) + 1j * rng.normal(size=(n_i, k)) + fine_P[0, truth]
+    coarse = scoring_terms(precompute_shifted(X, phase_ramps(freqs, tc, BOX)), ctf=ctf, inv_sigma2=inv_s2,
+                           n_trans=n_tc)
+    fine = scoring_terms(precompute_shifted(X, phase_ramps(freqs, tf, BOX)), ctf=ctf, inv_sigma2=inv_s2,
+                         n_trans=n_tc * n_ot)
+    lpt = rng.normal(scale=0.3, size=(n_i, n_tc))
+    kw = dict(n_over_rot=n_or, n_over_trans=n_ot, log_prior_trans=lpt, adaptive_fraction=0.99)
+    whole = score_two_pass(coarse, fine, list(coarse_P), lambda c, idx: fine_P[c][idx], **kw)
+    requested = []
+
+    def projector(g, c, idx):
+        requested.append(len(idx))
+        return fine_P[c][idx]
+
+    groups = score_two_pass_grouped(coarse, fine, list(coarse_P), projector, group_cost=0.0, **kw)
+    assert len(groups) > 1  # particles of different views: the fine pass was split
+    seen = np.concatenate([g for g, _ in groups])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n_i))
+    _, w_orient, w_trans = whole.best_pose()
+    for g, res in groups:
+        np.testing.assert_allclose(res.fine.pmax, whole.fine.pmax[g], rtol=1e-5)
+        np.testing.assert_allclose(res.fine.log_likelihood, whole.fine.log_likelihood[g], rtol=1e-6)
+        np.testing.assert_array_equal(res.coarse.n_significant, whole.coarse.n_significant[g])
+        _, orient, trans = res.best_pose()
+        np.testing.assert_array_equal(orient, w_orient[g])
+        np.testing.assert_array_equal(trans, w_trans[g])
+        # the significant fine weight of each particle is the same
+        np.testing.assert_allclose((res.fine.weights * res.fine.significant).sum(axis=(1, 2)),
+                                   (whole.fine.weights * whole.fine.significant).sum(axis=(1, 2))[g], rtol=1e-5)
+    # the groups' fine passes scored fewer (particle, orientation) pairs than one dense pass over the union
+    dense = n_i * sum(len(c.orientations) for c in whole.classes)
+    grouped = sum(len(g) * sum(len(c.orientations) for c in res.classes) for g, res in groups)
+    assert grouped < 0.7 * dense, (grouped, dense)
+    # one particle per group when grouping costs nothing extra, one group when a group is very expensive
+    sig = whole.coarse.significant
+    assert len(fine_groups(sig, projection_cost=0.0, group_cost=1e12)) == 1
