@@ -52,6 +52,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="mask the references with this map (values 0..1); with --skip_align, the focus mask")
     g.add_argument("--skip_align", action="store_true",
                    help="no alignment: keep each particle's pose from --i (a consensus refinement's _data.star)")
+    g.add_argument("--auto_focus_iter", type=int, default=0,
+                   help="cryodask: the last N iterations classify without alignment at the poses found, focused on "
+                        "a mask around where the classes differ (default 0: off)")
     g.add_argument("--iter", type=int, default=None, help="iterations (default 25)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
@@ -72,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
                   offset_range=args.offset_range, offset_step=args.offset_step, oversampling=args.oversampling,
                   sym=args.sym, ctf=args.ctf, pad=args.pad, tau2_fudge=args.tau2_fudge, zero_mask=args.zero_mask,
                   flatten_solvent=args.flatten_solvent, solvent_mask=args.solvent_mask, skip_align=args.skip_align,
+                  auto_focus_iter=args.auto_focus_iter,
                   iter=args.iter, random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
                   command_line=command_line(args, "class3d"), **execution_keywords(vars(args)))
     print(f"class3d: {res.iterations} iterations; class fractions "

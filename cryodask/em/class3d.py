@@ -6,7 +6,9 @@ are accumulated on the workers and tree-reduced, and the classes are reconstruct
 parallel, regularised by τ² = the power spectrum of the class's current reference
 (RELION's classification τ²) times ``--tau2_fudge``. A single reference starts all
 classes; in the first iteration each particle goes to one random class, which breaks
-their symmetry (RELION's rule for one initial reference). Files per iteration:
+their symmetry (RELION's rule for one initial reference). That iteration scores the coarse grid
+only (no adaptive oversampling): its posteriors are flat, so the fine pass would cost the most
+(about ten times the rest of the iteration) for a reconstruction of random halves. Files per iteration:
 ``<o>_itNNN_{data,model,optimiser,sampling}.star`` and ``<o>_itNNN_classNNN.mrc``.
 
 * ``--solvent_mask mask.mrc`` multiplies the references by the mask after every M-step
@@ -16,6 +18,12 @@ their symmetry (RELION's rule for one initial reference). Files per iteration:
   (:mod:`cryodask.em.skip_align`). With a ``--solvent_mask`` the classification is focused:
   the projection of the consensus map (``--ref``) outside the mask is subtracted from each
   image on the fly and the rest is compared with the masked classes.
+* ``auto_focus_iter = n`` (``--auto_focus_iter``, cryodask's): the last ``n`` iterations classify
+  without alignment at the poses the global searches found, focused on a soft mask around where
+  the class maps differ (:func:`difference_mask`), with the fraction-weighted average of the
+  classes outside the mask subtracted from the images. Unfocused, every particle is compared
+  over its whole projection, and the noise of the class maps where they agree moves particles
+  between classes from one iteration to the next; focused, the assignments settle.
 * ``--continue <o>_itNNN_optimiser.star`` resumes from an iteration's files. Each
   iteration goes on from what it wrote and draws its random numbers from (seed, iteration),
   so a continued run ends with the maps of an uninterrupted one.
@@ -93,6 +101,26 @@ def read_solvent_mask(path: str | Path, box: int) -> np.ndarray:
     return np.clip(mask, 0.0, 1.0).astype(np.float32)
 
 
+def difference_mask(maps: list[np.ndarray], *, threshold: float = 0.3, dilate: int = 2,
+                    soft_width: float = 1.5) -> np.ndarray:
+    """A soft mask (values in [0, 1]) around where class maps differ.
+
+    The spread of the maps (standard deviation over the classes), smoothed by a Gaussian
+    of 1 px, is thresholded at ``threshold`` × its maximum, dilated by ``dilate`` px and
+    given a soft edge (Gaussian of ``soft_width`` px); 1 inside the dilated region.
+    """
+    from scipy import ndimage
+
+    spread = ndimage.gaussian_filter(np.std(np.stack([np.asarray(m, np.float64) for m in maps]), axis=0), 1.0)
+    if spread.max() <= 0:
+        return np.ones_like(np.asarray(maps[0], np.float32))
+    core = spread > threshold * spread.max()
+    if dilate > 0:
+        core = ndimage.binary_dilation(core, iterations=int(dilate))
+    soft = np.clip(2.0 * ndimage.gaussian_filter(core.astype(np.float64), soft_width), 0.0, 1.0)
+    return np.maximum(soft, core).astype(np.float32)
+
+
 def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             use_gpu: bool = False, gpu: str | None = None, gpu_list: str | None = None, j: int | None = None,
             workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
@@ -103,7 +131,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False,
             pad: float | None = None, tau2_fudge: float | None = None, zero_mask: bool = False,
             flatten_solvent: bool = False, solvent_mask: str | Path | None = None, skip_align: bool = False,
-            iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
+            auto_focus_iter: int = 0, iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
             incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class3DResult:
     """3D classification into ``K`` classes; RELION's option names as keyword arguments.
@@ -127,6 +155,9 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         ``skip_align`` the focus mask of the classification.
     skip_align
         Classify without alignment, at each particle's input pose.
+    auto_focus_iter
+        The last this many iterations classify without alignment at the poses found, focused on
+        where the classes differ (see the module doc); 0 (the default) keeps RELION's behaviour.
     continue_from
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
         shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
@@ -143,11 +174,14 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         raise UserError("--ref", "class3d needs an initial reference map (--ref), or --continue")
     if K < 1:
         raise UserError("--K", f"{K} classes: give at least 1")
+    if auto_focus_iter < 0:
+        raise UserError("--auto_focus_iter", f"{auto_focus_iter}: give 0 or a positive number of iterations")
     opts = dict(i=str(i), o=str(o), ref=None if ref is None else str(ref), K=int(K), ini_high=ini_high,
                 particle_diameter=particle_diameter, healpix_order=healpix_order, offset_range=offset_range,
                 offset_step=offset_step, oversampling=oversampling, sym=sym, ctf=ctf, pad=pad, tau2_fudge=tau2_fudge,
                 zero_mask=zero_mask, flatten_solvent=flatten_solvent,
                 solvent_mask=None if solvent_mask is None else str(solvent_mask), skip_align=bool(skip_align),
+                auto_focus_iter=int(auto_focus_iter),
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, command_line=command_line,
                 continue_from=None if continue_from is None else str(continue_from),
@@ -236,6 +270,7 @@ def _classify(session, opts, log) -> Class3DResult:
     st.perturbation_factor, st.ini_high = float(opts["perturb"]), float(opts["ini_high"])
     st.max_pooled = int(particles.chunk_slices()[0].stop - particles.chunk_slices()[0].start)
     st.do_skip_align = bool(opts["skip_align"])
+    st.auto_focus_iter = 0 if st.do_skip_align else int(opts["auto_focus_iter"])
     mask = None
     if opts["solvent_mask"]:
         st.solvent_mask = str(Path(opts["solvent_mask"]).resolve())
@@ -305,7 +340,7 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
                 coarse_size=coarse_size, reference_paths=paths, sigma2_noise=model.sigma2_noise[None],
                 sigma_offset=[model.sigma_offset], healpix_order=st.healpix_order, sym=st.sym,
                 random_perturbation=st.random_perturbation, offset_range=st.offset_range,
-                offset_step=st.offset_step, oversampling=st.adaptive_oversampling,
+                offset_step=st.offset_step, oversampling=0 if random_classes else st.adaptive_oversampling,
                 adaptive_fraction=st.adaptive_fraction, particle_diameter=st.particle_diameter,
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
@@ -325,7 +360,11 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
         pp = client.gather(per_particle)
         del results, per_particle, total
         maps = [r[0] for r in rec]
-        if mask is not None:
+        focus_now = (not st.do_skip_align and K > 1 and st.auto_focus_iter > 0
+                     and it == max(1, st.n_iterations - st.auto_focus_iter))
+        if focus_now:  # from here on: no alignment, focused on where the classes differ
+            mask, maps = _start_focus(st, maps, acc.class_weight, apix)
+        elif mask is not None:
             maps = [(m * mask).astype(np.float32) for m in maps]
         elif st.do_solvent:
             maps = [_solvent_flatten(m, st.particle_diameter, apix, st.width_mask_edge) for m in maps]
@@ -378,6 +417,8 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
         model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
         st.iteration = it
         st.current_changes_optimal_classes = changes_classes
+        if focus_now:
+            st.do_skip_align = True
         if not st.do_skip_align:
             st.random_perturbation = next_random_perturbation(st.random_perturbation, st.perturbation_factor,
                                                               iteration_rng(st.random_seed, it, 7))
@@ -394,6 +435,28 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
         st = run.state
     return Class3DResult(maps=maps, class_fractions=model.class_fractions, data=run.parts.copy(), pixel_size=apix,
                          iterations=st.iteration, output_root=st.output_root, history=history)
+
+
+def _start_focus(st, maps: list[np.ndarray], class_weight: np.ndarray, apix: float):
+    """Switch to focused classification without alignment: the mask around where ``maps`` differ, the
+    consensus (class-weighted average) outside it to subtract, and the masked maps as the next references."""
+    from cryodask.em.refine3d import _solvent_flatten, _write_map
+    from cryodask.em.state import output_name
+
+    if st.do_solvent:  # the difference that counts is inside the particle
+        maps = [_solvent_flatten(m, st.particle_diameter, apix, st.width_mask_edge) for m in maps]
+    w = np.asarray(class_weight, np.float64)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(maps), 1.0 / len(maps))
+    consensus = sum(wk * m for wk, m in zip(w, maps, strict=True))
+    mask = difference_mask(maps)
+    if st.solvent_mask not in ("", "None"):
+        mask = mask * read_solvent_mask(st.solvent_mask, mask.shape[0])
+    st.solvent_mask = str(Path(str(output_name(st.output_root, st.iteration + 1, "autofocus_mask.mrc"))).resolve())
+    _write_map(st.solvent_mask, mask, apix)
+    st.subtract_map = str(Path(str(output_name(st.output_root, st.iteration + 1,
+                                               "subtracted_outside_mask.mrc"))).resolve())
+    _write_map(st.subtract_map, consensus * (1.0 - mask), apix)
+    return mask, [(m * mask).astype(np.float32) for m in maps]
 
 
 def _write_iteration(run, model, maps: list[np.ndarray]) -> Path:

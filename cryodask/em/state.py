@@ -112,6 +112,7 @@ class OptimiserState:
     solvent_mask: str = "None"  # --solvent_mask (a file name, or "None")
     do_skip_align: bool = False
     subtract_map: str = "None"  # class3d --skip_align with a focus mask: the consensus map outside the mask
+    auto_focus_iter: int = 0  # class3d: last iterations without alignment, focused where the classes differ
 
     def copy(self) -> "OptimiserState":
         from dataclasses import replace
@@ -165,6 +166,7 @@ _LABELS: dict[str, str] = {
     "solvent_mask": "rlnSolventMaskName",
     "do_skip_align": "rlnDoSkipAlign",
     "subtract_map": "rlnCryodaskSignalSubtractionMap",
+    "auto_focus_iter": "rlnCryodaskAutoFocusIterations",
 }
 
 _SAMPLING: dict[str, str] = {

@@ -7,7 +7,7 @@ import pytest
 
 from cryodask.em.skip_align import SkipAlignSetup, class_posteriors, skip_align_chunk
 from cryodask.io.mrc import write_map
-from cryodask.io.star import ParticleTable, read_particles, write_particles
+from cryodask.io.star import ParticleTable, read_particles, read_star, write_particles
 from cryodask.simulate import phantom, phantom_variant, simulate_particles, write_simulation
 
 BOX, APIX = 32, 5.0
@@ -106,23 +106,32 @@ def test_chunk_scores_the_true_class_at_the_true_pose(tmp_path):
     assert 0.9 < ratio < 1.1, ratio
 
 
-@pytest.mark.slow
-def test_focused_classification_separates_the_mixture(tmp_path):
-    """K=2, --skip_align at the consensus poses with a mask around the difference: >= 90% in the right class."""
+@pytest.fixture(scope="module")
+def focused(tmp_path_factory):
+    """K=2, --skip_align at the consensus poses with a mask around the difference (6 iterations); and the same
+    run stopped after iteration 2 and continued."""
     from cryodask.cluster.local import local_client
     from cryodask.em.class3d import class3d
 
-    a, b, sim = _consensus_dataset(tmp_path, 300)
+    folder = tmp_path_factory.mktemp("focused")
+    a, b, sim = _consensus_dataset(folder, 300)
+    kw = dict(K=2, ini_high=30.0, particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
+              solvent_mask=folder / "mask.mrc", random_seed=3, pool=100, log=None)
     with local_client(2) as client:
-        res = class3d(tmp_path / "consensus.star", tmp_path / "run", tmp_path / "consensus.mrc", K=2, ini_high=30.0,
-                      particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
-                      solvent_mask=tmp_path / "mask.mrc", iter=6, random_seed=3, pool=100, client=client, log=None)
-        # stopped after iteration 2 and continued: the same maps and classes
-        class3d(tmp_path / "consensus.star", tmp_path / "b" / "run", tmp_path / "consensus.mrc", K=2,
-                ini_high=30.0, particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
-                solvent_mask=tmp_path / "mask.mrc", iter=2, random_seed=3, pool=100, client=client, log=None)
-        cont = class3d(tmp_path / "consensus.star", tmp_path / "b" / "run", iter=6, client=client, log=None,
-                       continue_from=tmp_path / "b" / "run_it002_optimiser.star")
+        res = class3d(folder / "consensus.star", folder / "run", folder / "consensus.mrc", iter=6, client=client,
+                      **kw)
+        class3d(folder / "consensus.star", folder / "b" / "run", folder / "consensus.mrc", iter=2, client=client,
+                **kw)
+        cont = class3d(folder / "consensus.star", folder / "b" / "run", iter=6, client=client, log=None,
+                       continue_from=folder / "b" / "run_it002_optimiser.star")
+    return folder, a, b, sim, res, cont
+
+
+@pytest.mark.slow
+def test_focused_classification_separates_the_mixture(focused):
+    """>= 90% of the particles in the right class (issue 4); poses untouched; masked classes that differ where
+    the true maps differ."""
+    folder, a, b, sim, res, _ = focused
     truth = sim.truth["rlnClassNumber"].to_numpy()
     acc = _accuracy(truth, res.data["rlnClassNumber"].to_numpy())
     assert acc >= 0.90, acc
@@ -135,11 +144,37 @@ def test_focused_classification_separates_the_mixture(tmp_path):
     assert np.all(np.abs(res.maps[0][mask == 0]) < 1e-6)
     corr = np.corrcoef((a - b)[mask > 0.5], (res.maps[0] - res.maps[1])[mask > 0.5])[0, 1]
     assert abs(corr) > 0.5, corr
-    # --continue ends where the uninterrupted run ended
+    opt = read_star(folder / "run_it006_optimiser.star")["optimiser_general"]
+    assert int(opt["rlnDoSkipAlign"]) == 1 and str(opt["rlnSolventMaskName"]).endswith("mask.mrc")
+
+
+@pytest.mark.slow
+def test_focused_continue_gives_the_same_maps(focused):
+    _, _, _, _, res, cont = focused
     assert cont.iterations == 6
     for m_full, m_cont in zip(res.maps, cont.maps, strict=True):
         assert np.abs(m_full - m_cont).max() <= 1e-5 * np.abs(m_full).max()
     assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), res.data["rlnClassNumber"].to_numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.relion
+def test_relion_reconstruct_reads_our_classes(focused, relion, tmp_path, monkeypatch):
+    """relion_reconstruct --class k on our _data.star: inside the mask its two maps differ as ours do."""
+    import subprocess
+
+    import mrcfile
+
+    folder, a, b, _, res, _ = focused
+    monkeypatch.chdir(folder)  # image names are relative to the simulation folder
+    rel = []
+    for k in (1, 2):
+        subprocess.run([str(relion / "relion_reconstruct"), "--i", str(folder / "run_it006_data.star"), "--o",
+                        str(tmp_path / f"c{k}.mrc"), "--ctf", "--class", str(k)], check=True, capture_output=True)
+        rel.append(mrcfile.read(tmp_path / f"c{k}.mrc"))
+    inside = focus_mask(a, b) > 0.5
+    corr = np.corrcoef((rel[0] - rel[1])[inside], (res.maps[0] - res.maps[1])[inside])[0, 1]
+    assert corr > 0.5, corr
 
 
 def test_skip_align_needs_poses_and_a_sane_mask(tmp_path, capsys):
