@@ -53,6 +53,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--incr_size", type=int, default=10, help="Fourier shells beyond the resolution (default 10)")
     g.add_argument("--perturb", type=float, default=0.5, help="random perturbation of the sampling (default 0.5)")
     g.add_argument("--adaptive_fraction", type=float, default=0.999, help="significant posterior mass (0.999)")
+    g.add_argument("--maxsig", type=int, default=-1,
+                   help="at most this many significant coarse samples per particle (default -1: no cap)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g.add_argument("--skip_gridding", action="store_true", default=True, help="divide by the weight (default)")
     g.add_argument("--dont_skip_gridding", action="store_true", help="RELION 3.1's iterative gridding weights")
@@ -77,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
                    zero_mask=args.zero_mask, flatten_solvent=args.flatten_solvent, iter=args.iter,
                    random_seed=args.random_seed, pool=args.pool, skip_gridding=not args.dont_skip_gridding,
                    incr_size=args.incr_size, perturb=args.perturb, adaptive_fraction=args.adaptive_fraction,
+                   maxsig=args.maxsig,
                    auto_iter_max=args.auto_iter_max, continue_from=args.continue_from,
                    command_line=command_line(args, "refine3d"), **execution_keywords(vars(args)))
     print(f"refine3d: {res.iterations} iterations; gold-standard resolution {res.resolution:.2f} Å; "

@@ -194,7 +194,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
              low_resol_join_halves: float = -1.0, zero_mask: bool = False, flatten_solvent: bool = False,
              iter: int | None = None, random_seed: int = 0, pool: int | None = None,
              skip_gridding: bool = True, incr_size: int = 10, perturb: float = 0.5,
-             adaptive_fraction: float = 0.999, auto_iter_max: int = 999,
+             adaptive_fraction: float = 0.999, maxsig: int = -1, auto_iter_max: int = 999,
              continue_from: str | Path | None = None, command_line: str = "",
              log: Any = print) -> Refine3DResult:
     """Gold-standard auto-refinement; RELION's option names as keyword arguments.
@@ -219,6 +219,10 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         A ``distributed.Client`` to run on instead (left open at the end).
     pool
         Particles per chunk task when ``i`` is a STAR file (default: the store's chunking).
+    maxsig
+        RELION's ``--maxsig``: at most this many significant coarse samples per particle (default
+        −1, no cap). The fine pass already runs per group of particles, so broad first-iteration
+        posteriors cost little; a cap trades the tail of the posterior for speed.
     continue_from
         An ``_itNNN_optimiser.star`` of an earlier run to resume (``--continue``).
 
@@ -232,7 +236,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 sym=sym, ctf=ctf, pad=pad, tau2_fudge=tau2_fudge, firstiter_cc=firstiter_cc,
                 low_resol_join_halves=low_resol_join_halves, zero_mask=zero_mask, flatten_solvent=flatten_solvent,
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
-                perturb=perturb, adaptive_fraction=adaptive_fraction, auto_iter_max=auto_iter_max,
+                perturb=perturb, adaptive_fraction=adaptive_fraction, maxsig=maxsig, auto_iter_max=auto_iter_max,
                 command_line=command_line, continue_from=None if continue_from is None else str(continue_from))
     if continue_from is None and ref is None:
         raise UserError("--ref", "refine3d needs an initial reference map (--ref), or --continue")
@@ -408,7 +412,7 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
             oversampling=st.adaptive_oversampling, adaptive_fraction=st.adaptive_fraction,
             local_searches=st.local_searches, sigma_ang=st.sigma_ang, mode=mode,
             particle_diameter=st.particle_diameter, width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask,
-            do_ctf=st.do_ctf_correction, random_seed=st.random_seed)
+            do_ctf=st.do_ctf_correction, random_seed=st.random_seed, maxsig=int(o.get("maxsig", -1) or -1))
         futs = run.session.chunk_futures(run.particles)
         results = []
         for k, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True)):
