@@ -127,28 +127,6 @@ def test_relion_reconstruct_reads_our_data_star(small, short_run, relion, tmp_pa
     assert curve[: int(0.9 * BOX / 2) + 1].min() >= 0.99, curve
 
 
-@pytest.mark.slow
-def test_auto_refine_reaches_the_true_pose_resolution(tmp_path, client):
-    """Full schedule (global order 1 → 2, local from order 3): within 10% of the true-pose map."""
-    from cryodask.em.known_poses import reconstruct_known_poses
-    from cryodask.io.store import open_particles
-
-    vol, sim, paths = _dataset(tmp_path, 300)
-    res = refine3d(paths["particles"], tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1,
-                   auto_local_healpix_order=3, client=client, **COMMON)
-    truth = sim.truth.copy()
-    truth["rlnRandomSubset"] = res.data["rlnRandomSubset"].to_numpy()
-    known = reconstruct_known_poses(client, open_particles(paths["particles"]), truth, ctf=True)
-    mask = spherical_mask(BOX, 0.4 * BOX, width=3)
-    ours = resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX)
-    best = resolution_at(fsc(known.full_map, vol, mask=mask), 0.5, APIX)
-    assert ours <= 1.1 * best, (ours, best)
-    err = _angular_errors(res.data, sim.truth)
-    final_step = 360.0 / (6 * 2 ** res.history[-1]["order"]) / 2
-    assert np.median(err) < 3 * final_step, (np.median(err), final_step)
-    assert np.mean(err > 30) < 0.05
-
-
 def test_cli_refuses_a_run_without_reference(small, tmp_path, capsys):
     from cryodask.cli import main
 
