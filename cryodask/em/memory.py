@@ -70,8 +70,8 @@ _POSTERIOR_BYTES_PER_SAMPLE = 5
 _MSTEP_COPIES = 1.5
 #: reconstruction working memory per accumulator voxel (symmetrised copy, masks, float64 weights,
 #: complex128 quotient, shells) and per padded-box voxel (padded FT, inverse FFT, shifted copy)
-_RECON_BYTES_PER_VOXEL = 90
-_RECON_BYTES_PER_PADDED_VOXEL = 16
+_RECON_BYTES_PER_VOXEL = 60
+_RECON_BYTES_PER_PADDED_VOXEL = 12
 #: projector build (Projector.from_map): padded map, its shift, the FFT and its cast, per padded voxel
 _BUILD_BYTES_PER_PADDED_VOXEL = 26
 #: margin preflight keeps free under the worker's limit (Dask's own pause threshold is 80 %)

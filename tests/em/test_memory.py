@@ -42,16 +42,17 @@ def _measure_chunk(tmp_path, monkeypatch, job, box, n, order, K=1, current_size=
                      origins_px=np.zeros((n, 2)), half=np.arange(n) % 2 + 1, optics=np.zeros(n, np.int64),
                      ctf=None, premultiplied=None)
     union = []
-    original = estep.score_two_pass
+    original = estep.score_two_pass_grouped
 
     def recording(coarse, fine, coarse_projections, fine_projector, **kw):
-        r = original(coarse, fine, coarse_projections, fine_projector, **kw)
+        groups = original(coarse, fine, coarse_projections, fine_projector, **kw)
         n_rc = sum(int(p.shape[0]) for p in coarse_projections)
-        union.append((sum(len(c.orientations) for c in r.classes) / kw["n_over_rot"] / n_rc,
-                      len(r.fine_translations) / kw["n_over_trans"] / coarse.n_trans))
-        return r
+        for _, r in groups:  # the fine pass of each group is dense over that group's union
+            union.append((sum(len(c.orientations) for c in r.classes) / kw["n_over_rot"] / n_rc,
+                          len(r.fine_translations) / kw["n_over_trans"] / coarse.n_trans))
+        return groups
 
-    monkeypatch.setattr(estep, "score_two_pass", recording)
+    monkeypatch.setattr(estep, "score_two_pass_grouped", recording)
     tracemalloc.start()
     try:
         expectation_chunk(img.copy(), meta, setup)  # the copy: the task holds its images
