@@ -184,6 +184,8 @@ class JobProgress:
         if not self.total_iterations or not self.iteration_seconds:
             return None
         remaining = max(0, int(self.total_iterations) - int(iteration))
+        if remaining == 0:
+            return None
         recent = self.iteration_seconds[-3:]  # sizes grow as the resolution improves: recent iterations tell more
         return remaining * sum(recent) / len(recent)
 

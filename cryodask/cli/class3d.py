@@ -59,6 +59,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars (for batch logs); lines stay")
     add_execution_args(parser)
 
 
@@ -77,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
                   flatten_solvent=args.flatten_solvent, solvent_mask=args.solvent_mask, skip_align=args.skip_align,
                   auto_focus_iter=args.auto_focus_iter,
                   iter=args.iter, random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
-                  command_line=command_line(args, "class3d"), **execution_keywords(vars(args)))
+                  command_line=command_line(args, "class3d"), quiet=args.quiet, **execution_keywords(vars(args)))
     print(f"class3d: {res.iterations} iterations; class fractions "
           f"{', '.join(f'{f:.3f}' for f in res.class_fractions)}")
     return 0

@@ -60,6 +60,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dont_skip_gridding", action="store_true", help="RELION 3.1's iterative gridding weights")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars (for batch logs); lines stay")
     add_execution_args(parser)
 
 
@@ -81,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
                    incr_size=args.incr_size, perturb=args.perturb, adaptive_fraction=args.adaptive_fraction,
                    maxsig=args.maxsig,
                    auto_iter_max=args.auto_iter_max, continue_from=args.continue_from,
-                   command_line=command_line(args, "refine3d"), **execution_keywords(vars(args)))
+                   command_line=command_line(args, "refine3d"), quiet=args.quiet, **execution_keywords(vars(args)))
     print(f"refine3d: {res.iterations} iterations; gold-standard resolution {res.resolution:.2f} Å; "
           f"map {res.output_root}_class001.mrc")
     return 0

@@ -42,12 +42,16 @@ import numpy as np
 import pandas as pd
 
 from cryodask.errors import UserError, where
+from cryodask.runs import RunViews
 
 __all__ = ["class3d", "Class3DResult"]
 
 
 @dataclass
-class Class3DResult:
+class Class3DResult(RunViews):
+    """What :func:`class3d` returns (besides the files it writes); ``.plot_classes()``,
+    ``.plot_angles()``, ``.plot_convergence()`` and ``.write_report()`` read those files."""
+
     maps: list[np.ndarray]
     class_fractions: np.ndarray
     data: pd.DataFrame
@@ -133,7 +137,8 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             flatten_solvent: bool = False, solvent_mask: str | Path | None = None, skip_align: bool = False,
             auto_focus_iter: int = 0, iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
             incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
-            continue_from: str | Path | None = None, command_line: str = "", log: Any = print) -> Class3DResult:
+            continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
+            quiet: bool = False) -> Class3DResult:
     """3D classification into ``K`` classes; RELION's option names as keyword arguments.
 
     Parameters
@@ -165,6 +170,10 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     use_gpu … no_parallel_disc_io
         Where the job runs, as on the command line (:mod:`cryodask.cluster.client`); ``client``
         runs it on an existing client.
+    command_line
+        Stored as the first line of each ``_optimiser.star``.
+    log, quiet
+        Where the progress lines go (None: nowhere); ``quiet``: no progress bars (batch logs).
 
     Returns
     -------
@@ -185,7 +194,8 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, command_line=command_line,
                 continue_from=None if continue_from is None else str(continue_from),
-                auto_local_healpix_order=99, low_resol_join_halves=-1.0, firstiter_cc=False, auto_iter_max=iter)
+                auto_local_healpix_order=99, low_resol_join_halves=-1.0, firstiter_cc=False, auto_iter_max=iter,
+                quiet=bool(quiet), job="class3d")
     _check(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
     from cryodask.cluster.job import job_session
@@ -194,7 +204,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
                      preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
-        return _classify(session, opts, log or (lambda *a, **k: None))
+        return _classify(session, opts, log)
 
 
 def _check(opts: dict[str, Any]) -> None:
@@ -230,13 +240,14 @@ def _check_poses(parts: pd.DataFrame, source: str) -> None:
 
 def _classify(session, opts, log) -> Class3DResult:
     from cryodask.em.model import Model
-    from cryodask.em.refine3d import _Run, _initial_sigma2, _open, _write_map
+    from cryodask.em.refine3d import _Run, _initial_sigma2, _preflight, _write_map
     from cryodask.em.state import output_name
     from cryodask.geometry.healpix import angular_step
     from cryodask.io.mrc import read_map
     from cryodask.ops.filters import low_pass_filter
 
-    particles = _open(opts)
+    log = log or _silent
+    particles = _preflight(session, opts, K=opts["K"], log=log)
     run = _Run(session, particles, opts)
     root = opts["o"]
     if opts["continue_from"]:
@@ -296,8 +307,27 @@ def _classify(session, opts, log) -> Class3DResult:
     return _iterate(run, refs, model, log)
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def _iterate(run, refs: list[str], model, log) -> Class3DResult:
-    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sum_accumulators
+    from cryodask.em.monitor import JobMonitor
+
+    monitor = JobMonitor("class3d", run.client, output_root=run.state.output_root,
+                         total_iterations=run.state.n_iterations, log=None if log is _silent else log,
+                         quiet=run.o.get("quiet", False))
+    try:
+        res = _iterations(run, refs, model, monitor)
+    finally:
+        monitor.progress.close()
+    monitor.finish()
+    return res
+
+
+def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
+    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sampling_points
+    from cryodask.em.iteration import sum_accumulators
     from cryodask.em.refine3d import (_all_shells, _column, _last_shell_ssnr, _solvent_flatten, _tree,
                                       coarse_image_size, image_size_for)
     from cryodask.em.skip_align import SkipAlignSetup, skip_align_chunk
@@ -353,6 +383,7 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
                    for n, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True))]
         per_particle = [client.submit(particle_results, r, pure=False) for r in results]
         total = _tree(client, results, sum_accumulators, key=f"{name}-sum-it{it:03d}-{results[0].key}")
+        monitor.track(results, f"it{it:03d}")  # everything is submitted: the reduction runs as chunks finish
         tau2 = client.gather(tau2_f)
         rec = client.gather([client.submit(_reconstruct_class, total, k, tau2[k], T, run.o["skip_gridding"],
                                            st.sym, pure=False) for k in range(K)])
@@ -427,9 +458,11 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
                      class_fractions=model.class_fractions.tolist(), changes_classes=changes_classes,
                      seconds=time.time() - t0)
         history.append(entry)
-        log(f"class3d it{it:03d}: size {coarse_size}/{current_size}, resolution {model.current_resolution:.2f} Å, "
-            f"classes {np.round(model.class_fractions, 3).tolist()}, {100 * changes_classes:.1f}% changed class, "
-            f"{time.time() - t0:.1f} s")
+        n_points = K if isinstance(setup, SkipAlignSetup) else sampling_points(setup, K)
+        monitor.iteration_done(it, sampling_points=n_points, size=f"{coarse_size}/{current_size}",
+                               resolution=model.current_resolution,
+                               classes=" ".join(f"{f:.3f}" for f in model.class_fractions),
+                               changed_class=f"{100 * changes_classes:.1f}%")
         # go on from what was written, so that --continue from any iteration gives the same result
         refs, model = _load_iteration(run, opt_file)
         st = run.state

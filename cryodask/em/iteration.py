@@ -36,7 +36,7 @@ from cryodask import backend
 
 __all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk",
            "load_projector", "sum_accumulators", "pixel_shells", "prepare_images", "fsc_of_accumulators",
-           "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between"]
+           "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between", "sampling_points"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +406,27 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampli
         out_groups.append((g, res, out))
     del xp
     return out_groups, [c.inserts() for c in caches]
+
+
+def sampling_points(setup: IterationSetup, n_classes: int = 1) -> int:
+    """RELION's ``NrHiddenVariableSamplingPoints`` of one particle for this iteration.
+
+    Global searches: the whole (symmetry-reduced) HEALPix × psi grid; local searches: the
+    orientations inside the ±3σ window around a pose (at tilt 90°, where the window is widest).
+    Times the translations, the classes and the adaptive oversampling.
+    """
+    from cryodask.geometry.healpix import healpix_sampling, local_subset
+    from cryodask.geometry.shifts import translation_grid
+    from cryodask.progress import hidden_variable_sampling_points
+
+    sampling = healpix_sampling(setup.healpix_order, sym=setup.sym, psi_step=setup.psi_step)
+    if setup.local_searches:
+        s = setup.sigma_ang
+        n_orient = len(local_subset(sampling, 0.0, 90.0, 0.0, sigma_rot=s, sigma_tilt=s, sigma_psi=s)[0])
+    else:
+        n_orient = sampling.n_orientations
+    n_trans = len(translation_grid(setup.offset_range, setup.offset_step))
+    return hidden_variable_sampling_points(n_classes, n_orient, 1, n_trans, oversampling=setup.oversampling)
 
 
 def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup) -> ChunkResult:

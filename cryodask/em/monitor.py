@@ -66,11 +66,13 @@ class JobMonitor:
         """A bar over ``futures`` until all have finished (results are not fetched)."""
         return self.progress.track(futures, desc)
 
-    def iteration_done(self, iteration: int, *, sampling_points: int | None = None, **numbers: Any) -> str:
-        """The iteration's line (time since the last one, time left) and its plots."""
+    def iteration_done(self, iteration: int, *, sampling_points: int | None = None, plots: bool = True,
+                       **numbers: Any) -> str:
+        """The iteration's line (time since the last one, time left) and its plots (``plots=False``:
+        none, e.g. after refine3d's final iteration, whose files carry no iteration number)."""
         now = time.perf_counter()
         line = self.progress.iteration_done(iteration, now - self._t, sampling_points, **numbers)
-        if self.plots:
+        if self.plots and plots:
             from cryodask.report import write_iteration_plots
 
             try:

@@ -29,13 +29,16 @@ import numpy as np
 import pandas as pd
 
 from cryodask.errors import UserError
+from cryodask.runs import RunViews
 
 __all__ = ["refine3d", "Refine3DResult", "coarse_image_size", "image_size_for"]
 
 
 @dataclass
-class Refine3DResult:
-    """What :func:`refine3d` returns (besides the files it writes)."""
+class Refine3DResult(RunViews):
+    """What :func:`refine3d` returns (besides the files it writes); ``.plot_fsc()``,
+    ``.plot_slices()``, ``.plot_angles()``, ``.plot_convergence()`` and ``.write_report()`` read
+    those files."""
 
     map: np.ndarray  # the final joined map
     half_maps: list[np.ndarray]
@@ -196,7 +199,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
              skip_gridding: bool = True, incr_size: int = 10, perturb: float = 0.5,
              adaptive_fraction: float = 0.999, maxsig: int = -1, auto_iter_max: int = 999,
              continue_from: str | Path | None = None, command_line: str = "",
-             log: Any = print) -> Refine3DResult:
+             log: Any = print, quiet: bool = False) -> Refine3DResult:
     """Gold-standard auto-refinement; RELION's option names as keyword arguments.
 
     Parameters
@@ -225,6 +228,10 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         posteriors cost little; a cap trades the tail of the posterior for speed.
     continue_from
         An ``_itNNN_optimiser.star`` of an earlier run to resume (``--continue``).
+    command_line
+        Stored as the first line of each ``_optimiser.star``.
+    log, quiet
+        Where the progress lines go (None: nowhere); ``quiet``: no progress bars (batch logs).
 
     Returns
     -------
@@ -237,7 +244,8 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 low_resol_join_halves=low_resol_join_halves, zero_mask=zero_mask, flatten_solvent=flatten_solvent,
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, maxsig=maxsig, auto_iter_max=auto_iter_max,
-                command_line=command_line, continue_from=None if continue_from is None else str(continue_from))
+                command_line=command_line, continue_from=None if continue_from is None else str(continue_from),
+                quiet=bool(quiet))
     if continue_from is None and ref is None:
         raise UserError("--ref", "refine3d needs an initial reference map (--ref), or --continue")
     from cryodask.em.refine3d import _check_inputs
@@ -250,7 +258,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
                      preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
-        return _refine(session, opts, log or (lambda *a, **k: None))
+        return _refine(session, opts, log or _silent)
 
 
 def _check_inputs(opts) -> None:
@@ -284,7 +292,7 @@ def _refine(session, opts, log) -> Refine3DResult:
     from cryodask.io.mrc import read_map
     from cryodask.ops.filters import low_pass_filter
 
-    particles = _open(opts)
+    particles = _preflight(session, opts, K=1, log=log)
     run = _Run(session, particles, opts)
     st = run.state
     root = opts["o"]
@@ -347,6 +355,30 @@ def _refine(session, opts, log) -> Refine3DResult:
     return _iterate(run, refs, log)
 
 
+def _preflight(session, opts, *, K: int, log) -> Any:
+    """The particles, re-chunked when the memory pre-flight asks for smaller tasks
+    (:func:`cryodask.em.monitor.memory_preflight`); refuses up front when the job cannot fit."""
+    from cryodask.em.monitor import memory_preflight
+
+    particles = _open(opts)
+    continued = bool(opts["continue_from"])
+    order = opts["healpix_order"]
+    if continued:  # the sampling the run had reached
+        from cryodask.em.state import read_optimiser
+
+        order = read_optimiser(opts["continue_from"])[0].healpix_order
+    no_search = bool(opts.get("skip_align"))  # class3d --skip_align scores one pose per particle and class
+    fits = memory_preflight(opts.get("job", "refine3d"), session.client, particles,
+                            chunk_given=bool(opts["pool"]) or continued, K=K, pad=opts["pad"] or 2,
+                            healpix_order=0 if no_search else order,
+                            offset_range=0.0 if no_search else opts["offset_range"], offset_step=opts["offset_step"],
+                            oversampling=opts["oversampling"], sym=opts["sym"], log=log)
+    if fits is not None:
+        opts["pool"] = fits
+        particles = _open(opts)
+    return particles
+
+
 def _initial_sigma2(run: _Run) -> np.ndarray:
     from cryodask.em.iteration import initial_noise_chunk, initial_sigma2
 
@@ -365,9 +397,27 @@ def _initial_sigma2(run: _Run) -> np.ndarray:
 
 
 def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
+    from cryodask.em.monitor import JobMonitor
+
+    total = None if run.o["iter"] is None else int(run.o["iter"]) + 1  # + the final joined iteration
+    monitor = JobMonitor("refine3d", run.client, output_root=run.state.output_root, total_iterations=total,
+                         log=None if log is _silent else log, quiet=run.o.get("quiet", False))
+    try:
+        res = _iterations(run, refs, monitor)
+    finally:
+        monitor.progress.close()
+    monitor.finish()
+    return res
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     from cryodask.analysis.fsc import resolution_at
     from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, rotation_angle_between
-    from cryodask.em.iteration import sum_accumulators
+    from cryodask.em.iteration import sampling_points, sum_accumulators
     from cryodask.em.mstep import tau2_from_fsc
     from cryodask.geometry.euler import euler_to_matrix
     from cryodask.geometry.healpix import angular_step, next_random_perturbation
@@ -420,6 +470,7 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
                                          key=f"expectation-it{it:03d}-{k}-{f.key}", pure=False))
         per_particle = [client.submit(particle_results, r, pure=False) for r in results]
         total = _tree(client, results, sum_accumulators, key=f"sum-it{it:03d}-{results[0].key}")
+        monitor.track(results, f"it{it:03d}")  # everything is submitted: the reduction runs as chunks finish
         pp = client.gather(per_particle)
         del results, per_particle
         # ---- per-particle results → data table; changes of the hidden variables
@@ -552,19 +603,21 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
                      acc_trans=st.acc_trans, changes_orient=ch_ori, changes_offset=ch_off, failed=n_failed,
                      seconds=time.time() - t0)
         run.history.append(entry)
-        log(f"refine3d it{it:03d}: order {setup.healpix_order}{' local' if setup.local_searches else ''}, "
-            f"size {coarse_size}/{current_size}, resolution {res_new:.2f} Å (FSC 0.143: {gold:.2f} Å), "
-            f"acc {st.acc_rot:.2f}°/{st.acc_trans:.2f} Å, changes {ch_ori:.2f}°/{ch_off:.2f} Å, "
-            f"{time.time() - t0:.1f} s")
+        numbers = dict(order=f"{setup.healpix_order}{' local' if setup.local_searches else ''}",
+                       size=f"{coarse_size}/{current_size}", resolution=res_new, resolution_gold=gold,
+                       accuracy=f"{st.acc_rot:.2f}°/{st.acc_trans:.2f} Å", changes=f"{ch_ori:.2f}°/{ch_off:.2f} Å")
+        n_points = sampling_points(setup)
         if final:
             final_maps = maps
             _write_final(run, maps, fsc_now)
+            monitor.iteration_done(it, sampling_points=n_points, plots=False, **numbers)
             break
         refs = [f"{root}_it{it:03d}_half{h + 1}_class001.mrc" for h in range(2)]
         for h in range(2):
             _write_map(refs[h], maps[h], apix)
         opt_file = _write_iteration(run, it, refs)
         # go on from what was written, so that --continue from any iteration gives the same result
+        monitor.iteration_done(it, sampling_points=n_points, **numbers)
         refs = _load_iteration(run, opt_file)
         st = run.state
     from cryodask.io.star import read_particles
@@ -633,7 +686,7 @@ def _write_iteration(run: _Run, it: int, refs: list[str]) -> None:
         write_model(path, m)
         models.append(str(path))
     sampling = output_name(root, it, "sampling.star")
-    write_sampling(sampling, st)
+    write_sampling(sampling, st, run.apix)
     opt = output_name(root, it, "optimiser.star")
     write_optimiser(opt, st, command_line=run.o["command_line"], model_files=" ".join(models), data_file=str(data),
                     sampling_file=str(sampling))

@@ -91,9 +91,10 @@ def test_continue_gives_the_same_maps_as_an_uninterrupted_run(tmp_path):
     kw = dict(K=2, ini_high=30.0, particle_diameter=0.8 * BOX * APIX, healpix_order=0, offset_range=2,
               offset_step=1, ctf=True, zero_mask=True, solvent_mask=tmp_path / "mask.mrc", random_seed=3, pool=60,
               log=None)
+    lines: list[str] = []
     with local_client(2) as client:
         full = class3d(tmp_path / "particles.star", tmp_path / "a" / "run", tmp_path / "ref.mrc", iter=3,
-                       client=client, **kw)
+                       client=client, **{**kw, "log": lines.append, "quiet": True})
         class3d(tmp_path / "particles.star", tmp_path / "b" / "run", tmp_path / "ref.mrc", iter=1, client=client,
                 **kw)
         cont = class3d(tmp_path / "particles.star", tmp_path / "b" / "run", iter=3, client=client, log=None,
@@ -106,6 +107,16 @@ def test_continue_gives_the_same_maps_as_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(cont.data["rlnAngleRot"], full.data["rlnAngleRot"])
     opt = read_star(tmp_path / "b" / "run_it003_optimiser.star")["optimiser_general"]
     assert str(opt["rlnSolventMaskName"]).endswith("mask.mrc")
+    # progress: RELION's NrHiddenVariableSamplingPoints (classes x 12 directions x 6 psi at HEALPix order 0 x
+    # the 13 translations of a 2 px disc in 1 px steps; oversampling 1 after the first iteration), plots, report
+    assert any(x.startswith("class3d: memory per worker") for x in lines), lines
+    its = [x for x in lines if x.startswith("class3d it")]
+    assert len(its) == 3 and its[0].startswith("class3d it001/003: ")
+    assert f"{2 * 12 * 6 * 13:,} sampling points/particle" in its[0]
+    assert f"{2 * 12 * 6 * 13 * 32:,} sampling points/particle" in its[1]
+    assert (tmp_path / "a" / "run_it003_slices.png").stat().st_size > 1000
+    assert "<img" in (tmp_path / "a" / "run_report.html").read_text()
+    assert len(full.plot_classes().axes) >= 2
 
 
 def test_cli_refuses_bad_input_without_a_traceback(tmp_path, capsys):

@@ -48,8 +48,10 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def short_run(small, client):
     folder, vol, sim, paths = small
+    lines: list[str] = []
     res = refine3d(paths["particles"], folder / "A" / "run", folder / "ref.mrc", healpix_order=1, iter=2,
-                   client=client, **COMMON)
+                   client=client, **{**COMMON, "log": lines.append, "quiet": True})
+    res.log_lines = lines
     return res
 
 
@@ -88,6 +90,25 @@ def test_short_run_writes_relions_files_and_finds_the_poses(small, short_run):
     mask = spherical_mask(BOX, 0.4 * BOX, width=3)
     assert resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX) < 20.0
     assert 10.0 <= res.resolution < 25.0
+
+
+def test_progress_lines_plots_report_and_result_views(small, short_run):
+    """The memory check first, a line per iteration with RELION's NrHiddenVariableSamplingPoints, PNGs beside
+    the iterations, run_report.html at the end; the result object plots what was written."""
+    folder = small[0]
+    lines = short_run.log_lines
+    assert any(x.startswith("refine3d: memory per worker") for x in lines), lines
+    its = [x for x in lines if x.startswith("refine3d it")]
+    assert [x[:15] for x in its] == ["refine3d it001/", "refine3d it002/", "refine3d it003/"], its
+    # HEALPix order 1 (48 directions x 12 psi), the disc of radius 6 px in 2 px steps (29), oversampling 1
+    assert f"{48 * 12 * 29 * 8 * 4:,} sampling points/particle" in its[0]
+    assert "left" in its[0] and "left" not in its[-1]
+    assert (folder / "A" / "run_it002_fsc.png").stat().st_size > 1000
+    assert "<img" in (folder / "A" / "run_report.html").read_text()
+    ax = short_run.plot_fsc()
+    assert "0.143" in " ".join(t.get_text() for t in ax.figure.findobj(lambda o: hasattr(o, "get_text")))
+    sampling = read_star(folder / "A" / "run_it001_sampling.star")["sampling_general"]
+    assert float(sampling["rlnOffsetRange"]) == pytest.approx(6.0 * APIX)  # Å, as RELION 3.1 writes it
 
 
 def test_continue_gives_the_same_maps_as_an_uninterrupted_run(small, short_run, client):
