@@ -56,6 +56,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="cryodask: the last N iterations classify without alignment at the poses found, focused on "
                         "a mask around where the classes differ (default 0: off)")
     g.add_argument("--iter", type=int, default=None, help="iterations (default 25)")
+    g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
+    g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
@@ -78,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
                   flatten_solvent=args.flatten_solvent, solvent_mask=args.solvent_mask, skip_align=args.skip_align,
                   auto_focus_iter=args.auto_focus_iter,
                   iter=args.iter, random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
-                  command_line=command_line(args, "class3d"), quiet=args.quiet, **execution_keywords(vars(args)))
+                  norm=args.norm, scale=args.scale, command_line=command_line(args, "class3d"), quiet=args.quiet,
+                  **execution_keywords(vars(args)))
     print(f"class3d: {res.iterations} iterations; class fractions "
           f"{', '.join(f'{f:.3f}' for f in res.class_fractions)}")
     return 0

@@ -55,6 +55,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adaptive_fraction", type=float, default=0.999, help="significant posterior mass (0.999)")
     g.add_argument("--maxsig", type=int, default=-1,
                    help="at most this many significant coarse samples per particle (default -1: no cap)")
+    g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
+    g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g.add_argument("--skip_gridding", action="store_true", default=True, help="divide by the weight (default)")
     g.add_argument("--dont_skip_gridding", action="store_true", help="RELION 3.1's iterative gridding weights")
@@ -82,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
                    incr_size=args.incr_size, perturb=args.perturb, adaptive_fraction=args.adaptive_fraction,
                    maxsig=args.maxsig,
                    auto_iter_max=args.auto_iter_max, continue_from=args.continue_from,
-                   command_line=command_line(args, "refine3d"), quiet=args.quiet, **execution_keywords(vars(args)))
+                   norm=args.norm, scale=args.scale, command_line=command_line(args, "refine3d"), quiet=args.quiet,
+                   **execution_keywords(vars(args)))
     print(f"refine3d: {res.iterations} iterations; gold-standard resolution {res.resolution:.2f} Å; "
           f"map {res.output_root}_class001.mrc")
     return 0

@@ -243,7 +243,7 @@ def execution_client(args: argparse.Namespace | Mapping[str, Any] | None = None,
     from cryodask.cluster.config import config_scope, current_spec, find_config, load_cluster_config, worker_config
     from cryodask.cluster.gpu import local_gpu_client
     from cryodask.cluster.local import local_client
-    from cryodask.cluster.slurm import in_srun_step, runner_client, scheduler_file_client, slurm_client
+    from cryodask.cluster.slurm import in_srun_step, runner_client, scheduler_file_client
 
     import dask
 

@@ -135,7 +135,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False,
             pad: float | None = None, tau2_fudge: float | None = None, zero_mask: bool = False,
             flatten_solvent: bool = False, solvent_mask: str | Path | None = None, skip_align: bool = False,
-            auto_focus_iter: int = 0, iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
+            auto_focus_iter: int = 0, norm: bool = False, scale: bool = False, iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
             incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
             quiet: bool = False) -> Class3DResult:
@@ -163,6 +163,9 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     auto_focus_iter
         The last this many iterations classify without alignment at the poses found, focused on
         where the classes differ (see the module doc); 0 (the default) keeps RELION's behaviour.
+    norm, scale
+        RELION's ``--norm`` (a normalisation correction per particle) and ``--scale`` (an intensity
+        scale per optics group); not with ``skip_align``, where they stay as read.
     continue_from
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
         shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
@@ -190,7 +193,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 offset_step=offset_step, oversampling=oversampling, sym=sym, ctf=ctf, pad=pad, tau2_fudge=tau2_fudge,
                 zero_mask=zero_mask, flatten_solvent=flatten_solvent,
                 solvent_mask=None if solvent_mask is None else str(solvent_mask), skip_align=bool(skip_align),
-                auto_focus_iter=int(auto_focus_iter),
+                auto_focus_iter=int(auto_focus_iter), norm=bool(norm), scale=bool(scale),
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, command_line=command_line,
                 continue_from=None if continue_from is None else str(continue_from),
@@ -281,6 +284,7 @@ def _classify(session, opts, log) -> Class3DResult:
     st.perturbation_factor, st.ini_high = float(opts["perturb"]), float(opts["ini_high"])
     st.max_pooled = int(particles.chunk_slices()[0].stop - particles.chunk_slices()[0].start)
     st.do_skip_align = bool(opts["skip_align"])
+    st.do_norm_correction, st.do_scale_correction = bool(opts["norm"]), bool(opts["scale"])
     st.auto_focus_iter = 0 if st.do_skip_align else int(opts["auto_focus_iter"])
     mask = None
     if opts["solvent_mask"]:
@@ -328,8 +332,9 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
 def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
     from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sampling_points
     from cryodask.em.iteration import sum_accumulators
+    from cryodask.em.mstep import scale_correction
     from cryodask.em.refine3d import (_all_shells, _column, _last_shell_ssnr, _solvent_flatten, _tree,
-                                      coarse_image_size, image_size_for)
+                                      coarse_image_size, image_size_for, update_norm_column)
     from cryodask.em.skip_align import SkipAlignSetup, skip_align_chunk
     from cryodask.em.state import iteration_rng
     from cryodask.geometry.healpix import angular_step, next_random_perturbation
@@ -374,7 +379,8 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 adaptive_fraction=st.adaptive_fraction, particle_diameter=st.particle_diameter,
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
-                random_classes=random_classes, n_acc_particles=0)
+                random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction,
+                avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None)
             task, name = expectation_chunk, "class3d"
         tau2_f = [client.submit(_power_spectrum, paths[k], model.pad, pure=False) for k in range(K)]
         futs = session.chunk_futures(run.particles)
@@ -418,7 +424,9 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         nsig = np.zeros(run.n, np.int64)
         nsig[idx] = np.concatenate([r.n_significant for r in pp])
         p["rlnNrOfSignificantSamples"] = nsig
-        p["rlnNormCorrection"] = 1.0
+        avg_norm = update_norm_column(p, pp, idx, st.do_norm_correction and not st.do_skip_align)
+        if avg_norm is not None:
+            model.avg_norm = avg_norm
         changes_classes = float(np.mean(old_class != cls)) if it > 1 else 1.0
         # model
         total_w = float(acc.class_weight.sum())
@@ -446,6 +454,9 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         model.ave_pmax = float(p["rlnMaxValueProbDistribution"].mean())
         model.log_likelihood = float(p["rlnLogLikeliContribution"].sum())
         model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
+        if st.do_scale_correction and acc.signal_product is not None:
+            model.scale = scale_correction(model.scale, acc.signal_product[0], acc.reference_power[0],
+                                           model.data_vs_prior[0], model.group_nr_particles)
         st.iteration = it
         st.current_changes_optimal_classes = changes_classes
         if focus_now:

@@ -78,6 +78,9 @@ class IterationSetup:
     random_classes: bool = False  # class3d's first iteration: each particle to one random class
     batch_size: int = 0  # particles scored together in global searches (0: the whole chunk; smaller was slower)
     maxsig: int = -1  # RELION's --maxsig: at most this many significant coarse samples per particle (-1: no cap)
+    do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
+    avg_norm: float = 1.0  # rlnNormCorrectionAverage
+    scale: np.ndarray | None = None  # --scale: (n_halves, n_optics) intensity scale applied to the references
 
 
 @dataclass
@@ -94,6 +97,7 @@ class ChunkMeta:
     ctf: dict[str, np.ndarray] | None
     premultiplied: np.ndarray | None
     n_optics: int = 1
+    norm: np.ndarray | None = None  # (n,) rlnNormCorrection (None: 1)
 
 
 @dataclass
@@ -110,14 +114,22 @@ class Accumulators:
     acc_rot: np.ndarray  # (2,) Σ accuracy, count
     acc_trans: np.ndarray  # (2,)
     class_weight: np.ndarray  # (n_references,) Σ w per reference
+    # --scale: (n_halves, n_optics, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
+    signal_product: np.ndarray | None = None
+    reference_power: np.ndarray | None = None
 
     def __iadd__(self, other: "Accumulators") -> "Accumulators":
         for a, b in zip(self.bp, other.bp, strict=True):
             a += b
-        for name in ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum",
-                     "acc_rot", "acc_trans", "class_weight"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in _SUMMED:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.copy() if mine is None else mine + theirs)
         return self
+
+
+_SUMMED = ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
+           "acc_trans", "class_weight", "signal_product", "reference_power")
 
 
 @dataclass
@@ -135,6 +147,7 @@ class ChunkResult:
     log_likelihood: np.ndarray
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     class_number: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    norm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # --norm: the new rlnNormCorrection
 
 
 def optics_tables(table: Any) -> tuple[Any, Any, np.ndarray]:
@@ -154,9 +167,7 @@ def sum_accumulators(*parts: Any) -> Accumulators:
     """Add Accumulators (or ChunkResults' accumulators) together; a tree-reduction step."""
     accs = [p.acc if isinstance(p, ChunkResult) else p for p in parts]
     total = Accumulators(bp=[b.copy() for b in accs[0].bp], **{
-        k: np.array(getattr(accs[0], k), copy=True) for k in (
-            "sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
-            "acc_trans", "class_weight")})
+        k: None if getattr(accs[0], k) is None else np.array(getattr(accs[0], k), copy=True) for k in _SUMMED})
     for a in accs[1:]:
         total += a
     return total
@@ -166,7 +177,7 @@ def particle_results(r: ChunkResult) -> ChunkResult:
     """The chunk's per-particle results without its accumulators (what the driver gathers)."""
     return ChunkResult(acc=None, index=r.index, rot=r.rot, tilt=r.tilt, psi=r.psi, origins_px=r.origins_px,
                        pmax=r.pmax, n_significant=r.n_significant, log_likelihood=r.log_likelihood, failed=r.failed,
-                       class_number=r.class_number)
+                       class_number=r.class_number, norm=r.norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +468,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     flat_a, _, _, sh_a = pixel_shells(box, box / 2.0)
 
     rng = iteration_rng(setup.random_seed, setup.iteration, 1 + int(meta.index[0]) if n else 1)
+    norm_in = np.ones(n) if meta.norm is None else np.asarray(meta.norm, np.float64)
+    if setup.do_norm:  # RELION's first step of image preparation
+        images = images * (setup.avg_norm / norm_in).astype(np.float32)[:, None, None]
     ft_u, ft_m = prepare_images(images, meta.origins_px, pixel_size=setup.pixel_size,
                                 particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
                                 zero_mask=setup.zero_mask, rng=rng)
@@ -464,6 +478,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     U = ft_u.reshape(n, -1)
     M = ft_m.reshape(n, -1)
     C = ctf_full.reshape(n, -1)
+    if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
+        sets = meta.half - 1 if setup.split_halves and n_sets > 1 else np.zeros(n, np.int64)
+        C = C * np.asarray(setup.scale, np.float64)[sets, meta.optics][:, None].astype(C.dtype)
 
     sampling = healpix_sampling(setup.healpix_order, sym=setup.sym, psi_step=setup.psi_step,
                                 random_perturbation=setup.random_perturbation)
@@ -476,7 +493,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
         sigma2_sum=np.zeros((n_sets, n_opt, nsh)), power_sum=np.zeros((n_sets, n_opt, nsh)),
         pixel_count=np.zeros((n_sets, n_opt, nsh)), n_particles=np.zeros((n_sets, n_opt)),
         sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets), acc_rot=np.zeros(2), acc_trans=np.zeros(2),
-        class_weight=np.zeros(n_refs))
+        class_weight=np.zeros(n_refs), signal_product=np.zeros((n_sets, n_opt, nsh)),
+        reference_power=np.zeros((n_sets, n_opt, nsh)))
+    wdiff2 = np.zeros(n)  # --norm: Σ_φ w Σ_k |X − A|² per particle
     out_rot, out_tilt, out_psi = meta.rot.copy(), meta.tilt.copy(), meta.psi.copy()
     out_orig = meta.origins_px.copy()
     out_class = np.zeros(n, np.int64)
@@ -581,9 +600,16 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                     sums, mats = item
                     k = refs[c]
                     s2n = backend.to_numpy(sums.sigma2_noise)
+                    xa = backend.to_numpy(sums.signal_product)
+                    aa = backend.to_numpy(sums.reference_power)
                     for o in range(n_opt):
                         acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(s2n[o], np.float64),
                                                             minlength=nsh)[:nsh]
+                        acc.signal_product[h, o] += np.bincount(sh_f, weights=np.asarray(xa[o], np.float64),
+                                                                minlength=nsh)[:nsh]
+                        acc.reference_power[h, o] += np.bincount(sh_f, weights=np.asarray(aa[o], np.float64),
+                                                                 minlength=nsh)[:nsh]
+                    wdiff2[bg] += backend.to_numpy(sums.wdiff2)
                     acc.sigma2_offset[h] += sums.sigma2_offset
                     acc.weight_sum[h] += float(backend.to_numpy(sums.sum_weight).sum())
                     acc.class_weight[k] += sums.class_weight
@@ -594,8 +620,16 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                                         flat_f, setup)
             acc.acc_rot += [ar * k, k]
             acc.acc_trans += [at * k, k]
+    norm_out = norm_in
+    if setup.do_norm and setup.mode == "ml":
+        from cryodask.em.mstep import norm_correction
+
+        beyond = np.setdiff1d(flat_a, flat_f)  # power beyond the scoring window, to Nyquist
+        highres = (np.abs(M[:, beyond]) ** 2).sum(axis=1, dtype=np.float64)
+        norm_out = np.where(failed, norm_in, norm_correction(norm_in, setup.avg_norm, wdiff2, highres))
     return ChunkResult(acc=acc, index=meta.index, rot=out_rot, tilt=out_tilt, psi=out_psi, origins_px=out_orig,
-                       pmax=pmax, n_significant=nsig, log_likelihood=ll, failed=failed, class_number=out_class + 1)
+                       pmax=pmax, n_significant=nsig, log_likelihood=ll, failed=failed, class_number=out_class + 1,
+                       norm=norm_out)
 
 
 _ANGLE_STEPS = np.concatenate([np.arange(0.05, 1.0, 0.05), np.arange(1.0, 5.0, 0.1), np.arange(5.0, 30.0, 0.5)])

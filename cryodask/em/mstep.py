@@ -40,6 +40,8 @@ __all__ = [
     "data_vs_prior",
     "DataVsPrior",
     "blob_fourier_profile",
+    "scale_correction",
+    "norm_correction",
 ]
 
 
@@ -301,3 +303,46 @@ def _shell_floor(bp: BackProjector, w: Any) -> Any:
     floor = total / (1000.0 * xp.maximum(count, 1.0))
     return floor[xp.minimum(shell, r_max - 1)]
 
+
+
+def scale_correction(scale: Any, signal_product: Any, reference_power: Any, data_vs_prior: Any,
+                     group_particles: Any) -> np.ndarray:
+    """RELION's ``--scale`` update: the intensity scale of each group.
+
+    ``signal_product[g, r]`` = Σ w·⟨X, s·CTF·A⟩ and ``reference_power[g, r]`` = Σ w·|s·CTF·A|²
+    per shell, summed with the current scales ``s`` in the references (as the E-step scored
+    them), so ``s_new = s·ΣXA/ΣAA`` over the shells where ``data_vs_prior`` (the SSNR) > 3.
+    The scales are then clamped to [median/5, 5·median] and renormalised to a mean of 1
+    weighted by the groups' particles (RELION's ``maximizationOtherParameters``). Groups
+    without signal in those shells keep their scale; with no such shell at all nothing changes.
+    """
+    s = np.asarray(scale, np.float64).copy()
+    xa = np.asarray(signal_product, np.float64)
+    aa = np.asarray(reference_power, np.float64)
+    dvp = np.asarray(data_vs_prior, np.float64)
+    n = min(xa.shape[1], dvp.shape[0])
+    good = np.flatnonzero(dvp[:n] > 3.0)
+    good = good[good > 0]  # the origin carries the mean, not the signal
+    if len(good) == 0:
+        return s
+    sxa, saa = xa[:, good].sum(axis=1), aa[:, good].sum(axis=1)
+    ok = (saa > 0) & (sxa > 0)
+    s[ok] = s[ok] * sxa[ok] / saa[ok]
+    counts = np.asarray(group_particles, np.float64)
+    med = float(np.median(s[counts > 0])) if (counts > 0).any() else 1.0
+    s = np.clip(s, med / 5.0, 5.0 * med)
+    mean = float((s * counts).sum() / counts.sum()) if counts.sum() > 0 else 1.0
+    return s / mean if mean > 0 else s
+
+
+def norm_correction(norm: Any, avg_norm: float, wdiff2: Any, highres_power: Any) -> np.ndarray:
+    """RELION's ``--norm`` update of each particle's ``rlnNormCorrection``.
+
+    ``wdiff2`` = Σ_φ w·Σ_k |X − A|² over the scoring window of images already multiplied by
+    ``avg_norm/norm`` and ``highres_power`` = Σ_k |X|² beyond it (to Nyquist). With RELION's
+    FFT normalisation, 2·(their sum) is the variance of the residual image, so the new value
+    ``(norm/avg_norm)·√(2·(wdiff2 + highres_power))`` is the noise level of the image as read.
+    """
+    norm = np.asarray(norm, np.float64)
+    total = 2.0 * (np.asarray(wdiff2, np.float64) + np.asarray(highres_power, np.float64))
+    return (norm / float(avg_norm)) * np.sqrt(np.maximum(total, 0.0))

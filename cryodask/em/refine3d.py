@@ -122,8 +122,8 @@ class _Run:
         half = _column(p, "rlnRandomSubset", 1.0).astype(np.int64)
         return ChunkMeta(index=np.arange(sl.start, sl.stop), rot=_column(p, "rlnAngleRot", 0.0),
                          tilt=_column(p, "rlnAngleTilt", 0.0), psi=_column(p, "rlnAnglePsi", 0.0),
-                         origins_px=origins, half=half,
-                         optics=self.optics_index[sl], ctf=ctf, premultiplied=pre, n_optics=self.n_opt)
+                         origins_px=origins, half=half, optics=self.optics_index[sl], ctf=ctf, premultiplied=pre,
+                         n_optics=self.n_opt, norm=_column(p, "rlnNormCorrection", 1.0))
 
 
 def _reconstruct_task(bp, tau2, tau2_fudge, skip_gridding, sym):
@@ -198,7 +198,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
              iter: int | None = None, random_seed: int = 0, pool: int | None = None,
              skip_gridding: bool = True, incr_size: int = 10, perturb: float = 0.5,
              adaptive_fraction: float = 0.999, maxsig: int = -1, auto_iter_max: int = 999,
-             continue_from: str | Path | None = None, command_line: str = "",
+             norm: bool = False, scale: bool = False, continue_from: str | Path | None = None, command_line: str = "",
              log: Any = print, quiet: bool = False) -> Refine3DResult:
     """Gold-standard auto-refinement; RELION's option names as keyword arguments.
 
@@ -222,6 +222,10 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         A ``distributed.Client`` to run on instead (left open at the end).
     pool
         Particles per chunk task when ``i`` is a STAR file (default: the store's chunking).
+    norm, scale
+        RELION's ``--norm`` (a normalisation correction per particle, ``rlnNormCorrection``) and
+        ``--scale`` (an intensity scale per optics group, ``rlnGroupScaleCorrection``); RELION's GUI
+        turns both on.
     maxsig
         RELION's ``--maxsig``: at most this many significant coarse samples per particle (default
         −1, no cap). The fine pass already runs per group of particles, so broad first-iteration
@@ -244,6 +248,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 low_resol_join_halves=low_resol_join_halves, zero_mask=zero_mask, flatten_solvent=flatten_solvent,
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, maxsig=maxsig, auto_iter_max=auto_iter_max,
+                norm=bool(norm), scale=bool(scale),
                 command_line=command_line, continue_from=None if continue_from is None else str(continue_from),
                 quiet=bool(quiet))
     if continue_from is None and ref is None:
@@ -333,6 +338,7 @@ def _refine(session, opts, log) -> Refine3DResult:
         st.do_ctf_correction = bool(opts["ctf"])
         st.low_resol_join_halves = float(opts["low_resol_join_halves"])
         st.firstiter_cc = bool(opts["firstiter_cc"])
+        st.do_norm_correction, st.do_scale_correction = bool(opts["norm"]), bool(opts["scale"])
         st.ini_high = float(opts["ini_high"])
         st.perturbation_factor = float(opts["perturb"])
         st.max_pooled = int(particles.chunk_slices()[0].stop - particles.chunk_slices()[0].start)
@@ -418,7 +424,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     from cryodask.analysis.fsc import resolution_at
     from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, rotation_angle_between
     from cryodask.em.iteration import sampling_points, sum_accumulators
-    from cryodask.em.mstep import tau2_from_fsc
+    from cryodask.em.mstep import scale_correction, tau2_from_fsc
     from cryodask.geometry.euler import euler_to_matrix
     from cryodask.geometry.healpix import angular_step, next_random_perturbation
 
@@ -462,7 +468,9 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             oversampling=st.adaptive_oversampling, adaptive_fraction=st.adaptive_fraction,
             local_searches=st.local_searches, sigma_ang=st.sigma_ang, mode=mode,
             particle_diameter=st.particle_diameter, width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask,
-            do_ctf=st.do_ctf_correction, random_seed=st.random_seed, maxsig=int(o.get("maxsig", -1) or -1))
+            do_ctf=st.do_ctf_correction, random_seed=st.random_seed, maxsig=int(o.get("maxsig", -1) or -1),
+            do_norm=st.do_norm_correction, avg_norm=float(m0.avg_norm),
+            scale=np.stack([m.scale for m in run.models]) if st.do_scale_correction else None)
         futs = run.session.chunk_futures(run.particles)
         results = []
         for k, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True)):
@@ -492,7 +500,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
         ox[idx], oy[idx] = orig[:, 0], orig[:, 1]
         p["rlnOriginXAngst"], p["rlnOriginYAngst"] = ox, oy
         p["rlnClassNumber"] = 1
-        p["rlnNormCorrection"] = 1.0
+        avg_norm = update_norm_column(p, pp, idx, st.do_norm_correction and mode == "ml")
         for c, attr in (("rlnLogLikeliContribution", "log_likelihood"), ("rlnMaxValueProbDistribution", "pmax"),
                         ("rlnNrOfSignificantSamples", "n_significant")):
             arr = np.zeros(run.n)
@@ -556,6 +564,11 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             m.log_likelihood = float(p["rlnLogLikeliContribution"][p["rlnRandomSubset"] == h + 1].sum())
             m.group_nr_particles = np.bincount(run.optics_index[p["rlnRandomSubset"].to_numpy() == h + 1],
                                                minlength=run.n_opt)
+            if avg_norm is not None:
+                m.avg_norm = avg_norm
+            if st.do_scale_correction and mode == "ml" and acc.signal_product is not None:
+                m.scale = scale_correction(m.scale, acc.signal_product[h], acc.reference_power[h], dvps[h],
+                                           m.group_nr_particles)
         if acc.acc_rot[1] > 0:
             st.acc_rot = float(acc.acc_rot[0] / acc.acc_rot[1])
             st.acc_trans = float(acc.acc_trans[0] / acc.acc_trans[1])
@@ -625,6 +638,22 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     return Refine3DResult(map=final_maps[0], half_maps=final_maps[1:], resolution=gold, fsc=fsc_now,
                           data=read_particles(f"{root}_data.star").particles, pixel_size=apix,
                           iterations=st.iteration, output_root=root, history=run.history)
+
+
+def update_norm_column(parts: pd.DataFrame, results: list[Any], index: np.ndarray, update: bool) -> float | None:
+    """``rlnNormCorrection`` from the chunks' new values (``--norm``); returns their mean, the new
+    ``rlnNormCorrectionAverage`` (None when not updated: the column is kept, 1 where missing)."""
+    if update and all(len(r.norm) == len(r.index) for r in results):
+        arr = _column(parts, "rlnNormCorrection", 1.0)
+        arr[index] = np.concatenate([r.norm for r in results])
+        bad = ~np.isfinite(arr) | (arr <= 0)
+        if bad.any():  # a particle without signal or noise: RELION stops; keep its previous value instead
+            arr[bad] = _column(parts, "rlnNormCorrection", 1.0)[bad]
+        parts["rlnNormCorrection"] = arr
+        return float(arr.mean())
+    if "rlnNormCorrection" not in parts.columns:
+        parts["rlnNormCorrection"] = 1.0
+    return None
 
 
 def iteration_rng_seed(seed: int, it: int) -> np.random.Generator:

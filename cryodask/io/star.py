@@ -1251,7 +1251,7 @@ def _to_angstrom(parts: pd.DataFrame, ps: np.ndarray, path: Path) -> pd.DataFram
         if unknown.any():
             i = int(np.flatnonzero(unknown)[0])
             raise UserError(where(path, row=i + 1, field=px),
-                            f"origins are in pixels but the pixel size is unknown, so they cannot be converted "
+                            "origins are in pixels but the pixel size is unknown, so they cannot be converted "
                             "to Å; give the pixel size with --angpix")
         parts = parts.assign(**{ang: np.where(v == 0, 0.0, v * ps)})
     return parts.drop(columns=drop) if drop else parts

@@ -90,7 +90,7 @@ def test_continue_gives_the_same_maps_as_an_uninterrupted_run(tmp_path):
     write_map(tmp_path / "mask.mrc", mask, APIX)
     kw = dict(K=2, ini_high=30.0, particle_diameter=0.8 * BOX * APIX, healpix_order=0, offset_range=2,
               offset_step=1, ctf=True, zero_mask=True, solvent_mask=tmp_path / "mask.mrc", random_seed=3, pool=60,
-              log=None)
+              norm=True, scale=True, log=None)
     lines: list[str] = []
     with local_client(2) as client:
         full = class3d(tmp_path / "particles.star", tmp_path / "a" / "run", tmp_path / "ref.mrc", iter=3,
@@ -107,6 +107,14 @@ def test_continue_gives_the_same_maps_as_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(cont.data["rlnAngleRot"], full.data["rlnAngleRot"])
     opt = read_star(tmp_path / "b" / "run_it003_optimiser.star")["optimiser_general"]
     assert str(opt["rlnSolventMaskName"]).endswith("mask.mrc")
+    # --norm and --scale carry over through the files: per-particle values, their average, the group scales
+    np.testing.assert_allclose(cont.data["rlnNormCorrection"], full.data["rlnNormCorrection"], rtol=1e-6)
+    assert cont.data["rlnNormCorrection"].std() > 0.01
+    assert int(opt["rlnDoCorrectNorm"]) == 1 and int(opt["rlnDoCorrectScale"]) == 1
+    m_full, m_cont = (read_star(tmp_path / f / "run_it003_model.star") for f in ("a", "b"))
+    np.testing.assert_allclose(m_cont["model_groups"]["rlnGroupScaleCorrection"],
+                               m_full["model_groups"]["rlnGroupScaleCorrection"], rtol=1e-6)
+    assert not np.allclose(m_full["model_groups"]["rlnGroupScaleCorrection"], 1.0)
     # progress: RELION's NrHiddenVariableSamplingPoints (classes x 12 directions x 6 psi at HEALPix order 0 x
     # the 13 translations of a 2 px disc in 1 px steps; oversampling 1 after the first iteration), plots, report
     assert any(x.startswith("class3d: memory per worker") for x in lines), lines

@@ -279,3 +279,19 @@ def test_parity_with_relion_reconstruct(relion, tmp_path, rng, with_ctf):
         assert min_fsc_to(curve, box) >= 0.99, (out, curve)
         # RELION includes pixels exactly on the r_max circle by floating-point rounding: ~1e-4 differences
         assert np.abs(ours - theirs).max() < 5e-4 * np.abs(theirs).max(), out
+
+
+def test_scale_correction_is_the_ratio_over_high_ssnr_shells_clamped_and_renormalised():
+    from cryodask.em.mstep import scale_correction
+
+    xa = np.array([[9.0, 2.0, 2.0, 5.0], [9.0, 1.0, 1.0, 5.0], [9.0, 40.0, 40.0, 5.0]])
+    aa = np.full((3, 4), 2.0)
+    dvp = np.array([100.0, 10.0, 4.0, 1.0])  # shells 1-2 count: not the origin, not SSNR <= 3
+    s = scale_correction(np.ones(3), xa, aa, dvp, group_particles=[10, 10, 20])
+    raw = np.array([1.0, 0.5, 20.0])
+    clamped = np.clip(raw, 1.0 / 5, 5.0)  # median 1
+    np.testing.assert_allclose(s, clamped / ((clamped * [10, 10, 20]).sum() / 40))
+    # the sums carry the current scales s: s_new = s·ΣXA/ΣAA, here 2·(4/8) against 1·(2/4)
+    s2 = scale_correction(np.array([2.0, 1.0]), xa[:2], aa[:2] * [[2], [1]], dvp, [1, 1])
+    assert s2[0] / s2[1] == pytest.approx(2.0)
+    assert np.all(scale_correction(np.ones(3), xa, aa, np.zeros(4), [1, 1, 1]) == 1)  # no signal: unchanged

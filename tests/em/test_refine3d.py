@@ -177,3 +177,35 @@ def test_relion_postprocess_reads_our_half_maps(small, short_run, relion, tmp_pa
     final = float(read_star(tmp_path / "post.star")["general"]["rlnFinalResolution"])
     # RELION's masked gold-standard resolution agrees with ours (unmasked, from the accumulators)
     assert 0.7 * short_run.resolution <= final <= 1.3 * short_run.resolution, (final, short_run.resolution)
+
+
+def test_norm_and_scale_recover_image_and_group_intensities(tmp_path, client):
+    """--norm and --scale on images whose overall level differs per particle (x0.7 or x1.4: noise and signal)
+    and whose signal differs per optics group (x1 and x0.6): rlnNormCorrection follows the particle's level and
+    rlnGroupScaleCorrection the group's signal, as RELION's corrections do; without them both stay 1."""
+    import dataclasses
+
+    vol = phantom(BOX, seed=0)
+    clean = simulate_particles([vol], APIX, n=300, snr=0, seed=5, n_optics_groups=2)
+    rng = np.random.default_rng(7)
+    noise = rng.normal(0, np.sqrt(clean.images.var() / 0.3), clean.images.shape)
+    group = clean.particles["rlnOpticsGroup"].to_numpy()
+    signal = np.where(group == 1, 1.0, 0.6)
+    level = rng.choice([0.7, 1.4], len(group))
+    images = (level[:, None, None] * (signal[:, None, None] * clean.images + noise)).astype(np.float32)
+    paths = write_simulation(tmp_path, dataclasses.replace(clean, images=images))
+    write_map(tmp_path / "ref.mrc", low_pass_filter(vol, 30.0, APIX), APIX)
+    res = refine3d(paths["particles"], tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1, iter=3,
+                   norm=True, scale=True, client=client, **COMMON)
+    data = res.data
+    norm = data["rlnNormCorrection"].to_numpy()
+    ratio = np.median(norm[level == 1.4]) / np.median(norm[level == 0.7])
+    assert 1.8 <= ratio <= 2.2, ratio
+    model = read_star(tmp_path / "run_model.star")
+    scale = model["model_groups"]["rlnGroupScaleCorrection"].to_numpy()
+    assert 0.5 <= scale[1] / scale[0] <= 0.7, scale
+    assert float(model["model_general"]["rlnNormCorrectionAverage"]) == pytest.approx(norm.mean(), rel=0.05)
+    opt = read_star(tmp_path / "run_it003_optimiser.star")["optimiser_general"]
+    assert int(opt["rlnDoCorrectNorm"]) == 1 and int(opt["rlnDoCorrectScale"]) == 1
+    mask = spherical_mask(BOX, 0.4 * BOX, width=3)
+    assert resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX) < 20.0
