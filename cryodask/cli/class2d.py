@@ -46,6 +46,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--zero_mask", action="store_true", help="zeros outside the particle mask (else noise)")
     g.add_argument("--ctf", action="store_true", help="CTF-correct")
     g.add_argument("--pad", type=int, default=2, choices=(1, 2), help="padding factor (default 2)")
+    g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
+    g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")
@@ -62,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
                   particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
                   random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from, quiet=args.quiet,
+                  norm=args.norm, scale=args.scale,
                   command_line=command_line(args, "class2d"), **execution_keywords(vars(args)))
     fr = ", ".join(f"{f:.2f}" for f in res.class_fractions)
     print(f"class2d: {res.iterations} iterations; class fractions {fr}; "

@@ -142,6 +142,9 @@ class Class2DSetup:
     random_seed: int = 0
     generate_seeds: bool = False  # first iteration: one random class per particle
     adaptive_fraction: float = 0.999
+    do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
+    avg_norm: float = 1.0
+    scale: np.ndarray | None = None  # --scale: (n_optics,) intensity scale applied to the references
 
 
 @dataclass
@@ -156,6 +159,7 @@ class ChunkInput:
     ctf: dict[str, np.ndarray] | None = None
     premultiplied: np.ndarray | None = None
     seed_class: np.ndarray | None = None  # (n,) 0-based, first iteration only
+    norm: np.ndarray | None = None  # (n,) rlnNormCorrection (None: 1)
 
 
 @dataclass
@@ -171,13 +175,18 @@ class Class2DSums:
     sigma2_offset: float  # Σ w |old + t − prior|² (Å²)
     log_likelihood: float
     pmax_sum: float
+    # --scale: (n_optics, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell
+    signal_product: np.ndarray | None = None
+    reference_power: np.ndarray | None = None
 
     def __iadd__(self, other: "Class2DSums") -> "Class2DSums":
         for a, b in zip(self.bp, other.bp, strict=True):
             a += b
         for name in ("sigma2_sum", "power_sum", "n_particles", "class_weight", "offset_sum", "sigma2_offset",
-                     "log_likelihood", "pmax_sum"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+                     "log_likelihood", "pmax_sum", "signal_product", "reference_power"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs if mine is None else mine + theirs)
         return self
 
 
@@ -193,6 +202,7 @@ class ChunkOutput:
     pmax: np.ndarray
     n_significant: np.ndarray
     log_likelihood: np.ndarray
+    norm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # --norm: the new rlnNormCorrection
 
 
 def sum_outputs(*parts: Any) -> Class2DSums:
@@ -203,7 +213,8 @@ def sum_outputs(*parts: Any) -> Class2DSums:
                         power_sum=first.power_sum.copy(), n_particles=first.n_particles.copy(),
                         class_weight=first.class_weight.copy(), offset_sum=first.offset_sum.copy(),
                         sigma2_offset=first.sigma2_offset, log_likelihood=first.log_likelihood,
-                        pmax_sum=first.pmax_sum)
+                        pmax_sum=first.pmax_sum, **{k: None if getattr(first, k) is None else getattr(first, k).copy()
+                                                   for k in ("signal_product", "reference_power")})
     for s in sums[1:]:
         total += s
     return total
@@ -213,7 +224,7 @@ def particle_part(out: ChunkOutput) -> ChunkOutput:
     """The per-particle results without the accumulators (what the driver gathers)."""
     return ChunkOutput(sums=None, index=out.index, class_number=out.class_number, psi=out.psi,
                        origins_px=out.origins_px, pmax=out.pmax, n_significant=out.n_significant,
-                       log_likelihood=out.log_likelihood)
+                       log_likelihood=out.log_likelihood, norm=out.norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +474,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     Xm_s = s["Xm_s"]
     d2 = _offset_d2(old, T, setup.prior_offsets, apix)
     flat, shell = px["flat"], px["shell"]
+    wdiff2 = np.zeros(len(ft))  # --norm: Σ_φ w Σ_k |X − A|² per particle
     half_shape = (box, box // 2 + 1)
     for k in range(K):
         if seeds:
@@ -486,6 +498,11 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         for g in range(n_optics):
             acc["sigma2_sum"][g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
                                                 minlength=nsh)[:nsh]
+            acc["signal_product"][g] += np.bincount(shell, weights=sums.signal_product[g].astype(np.float64),
+                                                    minlength=nsh)[:nsh]
+            acc["reference_power"][g] += np.bincount(shell, weights=sums.reference_power[g].astype(np.float64),
+                                                     minlength=nsh)[:nsh]
+        wdiff2 += np.asarray(sums.wdiff2, np.float64)
         acc["class_weight"][k] += sums.class_weight
         tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
         acc["offset_sum"][k] += tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
@@ -493,7 +510,8 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     return dict(class_number=best_class + 1, psi=np.asarray(s["best_psi"], np.float64),
                 origins_px=old + np.asarray(s["best_t"]), pmax=np.asarray(s["pmax"], np.float64),
                 n_significant=np.asarray(s["n_significant"], np.int64),
-                log_likelihood=np.asarray(s["log_likelihood"], np.float64))
+                log_likelihood=np.asarray(s["log_likelihood"], np.float64), wdiff2=wdiff2,
+                window_power=(np.abs(px["Xm"].astype(np.complex128)) ** 2).sum(axis=1))
 
 
 def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
@@ -512,14 +530,22 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
     nsh = box // 2 + 1
     r_max = setup.current_size / 2.0
     rng = iteration_rng(setup.random_seed, setup.iteration, 1000 + inp.chunk)
-    ft, mft = prepare_images(np.asarray(images), inp.origins_px, pixel_size=apix,
+    norm_in = np.ones(n) if inp.norm is None else np.asarray(inp.norm, np.float64)
+    images = np.asarray(images)
+    if setup.do_norm:  # RELION's first step of image preparation
+        images = images * (setup.avg_norm / norm_in).astype(np.float32)[:, None, None]
+    ft, mft = prepare_images(images, inp.origins_px, pixel_size=apix,
                              particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
                              zero_mask=setup.zero_mask, rng=rng)
     ctf_full = _ctf_of(inp, box, apix, setup.do_ctf)
+    if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
+        ctf_full = ctf_full * np.asarray(setup.scale, np.float32)[inp.optics][:, None, None]
     old = np.asarray(inp.origins_px, np.float64)
     bps = [BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2) for _ in range(K)]
     acc: dict[str, Any] = dict(sigma2_sum=np.zeros((inp.n_optics, nsh)), class_weight=np.zeros(K),
-                               offset_sum=np.zeros((K, 2)), sigma2_offset=0.0)
+                               offset_sum=np.zeros((K, 2)), sigma2_offset=0.0,
+                               signal_product=np.zeros((inp.n_optics, nsh)),
+                               reference_power=np.zeros((inp.n_optics, nsh)))
     nb = batch_size(n_translations(setup.offset_range, setup.offset_step, setup.oversampling),
                     len(slice_pixels(box, r_max)[0]))
     parts = []
@@ -529,6 +555,7 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
                                         None if inp.seed_class is None else inp.seed_class[sl], old[sl],
                                         inp.index[sl], setup, bps, acc))
     res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    wdiff2, window_power = res.pop("wdiff2"), res.pop("window_power")
 
     shell_all, _ = _half_pixels(box)
     p2 = mft.reshape(n, -1)
@@ -545,8 +572,16 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
     sums = Class2DSums(bp=bps, sigma2_sum=acc["sigma2_sum"], power_sum=power_sum, n_particles=n_particles,
                        class_weight=acc["class_weight"], offset_sum=acc["offset_sum"],
                        sigma2_offset=float(acc["sigma2_offset"]), log_likelihood=float(res["log_likelihood"].sum()),
-                       pmax_sum=float(res["pmax"].sum()))
-    return ChunkOutput(sums=sums, index=np.asarray(inp.index), **res)
+                       pmax_sum=float(res["pmax"].sum()), signal_product=acc["signal_product"],
+                       reference_power=acc["reference_power"])
+    norm_out = norm_in
+    if setup.do_norm:
+        from cryodask.em.mstep import norm_correction
+
+        # power beyond the scoring window, to Nyquist
+        highres = np.maximum(p2[:, ok].sum(axis=1, dtype=np.float64) - window_power, 0.0)
+        norm_out = norm_correction(norm_in, setup.avg_norm, wdiff2, highres)
+    return ChunkOutput(sums=sums, index=np.asarray(inp.index), norm=norm_out, **res)
 
 
 def class_accumulator(total: Class2DSums, k: int) -> Any:
@@ -620,7 +655,7 @@ def class2d(particles: Any, o: str | Path, *,
             offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
             particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
             pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
-            pool: int | None = None,
+            pool: int | None = None, norm: bool = False, scale: bool = False,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
             quiet: bool = False) -> Class2DResult:
     """2D classification; RELION's option names as keyword arguments.
@@ -655,6 +690,9 @@ def class2d(particles: Any, o: str | Path, *,
         Same seed, same result.
     pool
         Particles per chunk task when ``particles`` is a STAR file (default: the store's chunking).
+    norm, scale
+        RELION's ``--norm`` (a normalisation correction per particle, ``rlnNormCorrection``) and
+        ``--scale`` (an intensity scale per optics group); RELION's GUI turns both on.
     use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
         Where and how the job runs, as on the command line (the execution options,
         :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
@@ -688,6 +726,7 @@ def class2d(particles: Any, o: str | Path, *,
         ctf, random_seed, pool, incr_size = state.do_ctf_correction, state.random_seed, state.max_pooled, \
             state.incr_size
         adaptive_fraction, width_mask_edge = state.adaptive_fraction, state.width_mask_edge
+        norm, scale = state.do_norm_correction, state.do_scale_correction
         # read_optimiser gives the offsets in pixels (RELION 3.1's Å divided by the model's pixel size)
     if K is None:
         raise UserError("--K", "give the number of classes (e.g. --K 50), or --continue an earlier run")
@@ -705,7 +744,7 @@ def class2d(particles: Any, o: str | Path, *,
                 tau2_fudge=float(tau2_fudge), particle_diameter=float(particle_diameter), zero_mask=bool(zero_mask),
                 ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
                 adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
-                command_line=command_line, pool=pool, quiet=bool(quiet),
+                command_line=command_line, pool=pool, quiet=bool(quiet), norm=bool(norm), scale=bool(scale),
                 continue_from=None if continue_from is None else str(continue_from))
     from cryodask.cluster.job import job_session
 
@@ -762,7 +801,8 @@ class _Run:
                             psi_step=opts["psi_step"], psi_step_original=opts["psi_step"],
                             offset_range=opts["offset_range"], offset_step=opts["offset_step"],
                             offset_range_original=opts["offset_range"], offset_step_original=opts["offset_step"],
-                            healpix_order=0, healpix_order_original=0, perturbation_factor=0.0)
+                            healpix_order=0, healpix_order_original=0, perturbation_factor=0.0,
+                            do_norm_correction=opts["norm"], do_scale_correction=opts["scale"])
         self.state = st
         self.prior_offsets = np.zeros((self.K, 2))
         self.tau2 = np.zeros((self.K, self.box // 2 + 1))
@@ -772,7 +812,7 @@ class _Run:
             if c not in self.parts.columns:
                 self.parts[c] = 0.0
         if "rlnNormCorrection" not in self.parts.columns:
-            self.parts["rlnNormCorrection"] = 1.0  # RELION writes it; no --norm here
+            self.parts["rlnNormCorrection"] = 1.0  # RELION writes it, --norm or not
 
     # -- per-chunk inputs --------------------------------------------------------------------
     def chunk_input(self, i: int, sl: slice, seed_class: np.ndarray | None = None) -> ChunkInput:
@@ -788,7 +828,8 @@ class _Run:
         origins = np.stack([_column(p, "rlnOriginXAngst", 0.0), _column(p, "rlnOriginYAngst", 0.0)], 1) / self.apix
         return ChunkInput(chunk=i, index=np.arange(sl.start, sl.stop), origins_px=origins,
                           optics=self.optics_index[sl], n_optics=self.n_opt, ctf=ctf, premultiplied=pre,
-                          seed_class=None if seed_class is None else seed_class[sl])
+                          seed_class=None if seed_class is None else seed_class[sl],
+                          norm=_column(p, "rlnNormCorrection", 1.0))
 
     def _chunks(self) -> list[Any]:
         return self.session.chunk_futures(self.particles)
@@ -921,7 +962,8 @@ class _Run:
                              particle_diameter=o["particle_diameter"],
                              width_mask_edge=o["width_mask_edge"], zero_mask=o["zero_mask"], do_ctf=o["ctf"],
                              random_seed=o["random_seed"], generate_seeds=seeds is not None,
-                             adaptive_fraction=o["adaptive_fraction"])
+                             adaptive_fraction=o["adaptive_fraction"], do_norm=o["norm"], avg_norm=float(m.avg_norm),
+                             scale=m.scale.copy() if o["scale"] else None)
         outs = []
         for i, (fut, sl) in enumerate(zip(images, self.particles.chunk_slices(), strict=True)):
             outs.append(self.session.submit_scoring(expectation_chunk, fut, self.chunk_input(i, sl, seeds), setup, pure=False,
@@ -954,6 +996,11 @@ class _Run:
         self.parts.loc[idx, "rlnLogLikeliContribution"] = np.concatenate([r.log_likelihood for r in results])
         self.parts["rlnClassNumber"] = self.parts["rlnClassNumber"].astype(np.int64)
         self.parts["rlnNrOfSignificantSamples"] = self.parts["rlnNrOfSignificantSamples"].astype(np.int64)
+        from cryodask.em.refine3d import update_norm_column
+
+        avg_norm = update_norm_column(self.parts, results, idx, o["norm"])
+        if avg_norm is not None:
+            m.avg_norm = avg_norm
 
         # -- model update (RELION's maximizationOtherParameters for 2D)
         n = float(self.n)
@@ -983,6 +1030,11 @@ class _Run:
         m.log_likelihood = float(sums.log_likelihood)
         m.ave_pmax = float(sums.pmax_sum / n)
         m.group_nr_particles = np.bincount(self.optics_index, minlength=m.n_groups)[:m.n_groups]
+        if o["scale"] and sums.signal_product is not None:
+            from cryodask.em.mstep import scale_correction
+
+            ssnr = (m.class_fractions[:, None] * m.data_vs_prior).sum(axis=0)  # the classes' SSNR, by their share
+            m.scale = scale_correction(m.scale, sums.signal_product, sums.reference_power, ssnr, m.group_nr_particles)
         st = self.state
         st.iteration = it
         st.current_changes_optimal_classes = float(np.mean(old_class != self.parts["rlnClassNumber"].to_numpy()))

@@ -455,8 +455,9 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         model.log_likelihood = float(p["rlnLogLikeliContribution"].sum())
         model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
         if st.do_scale_correction and acc.signal_product is not None:
-            model.scale = scale_correction(model.scale, acc.signal_product[0], acc.reference_power[0],
-                                           model.data_vs_prior[0], model.group_nr_particles)
+            ssnr = (model.class_fractions[:, None] * model.data_vs_prior).sum(axis=0)  # by the classes' share
+            model.scale = scale_correction(model.scale, acc.signal_product[0], acc.reference_power[0], ssnr,
+                                           model.group_nr_particles)
         st.iteration = it
         st.current_changes_optimal_classes = changes_classes
         if focus_now:

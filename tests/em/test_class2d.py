@@ -255,7 +255,7 @@ def test_class2d_continue_equals_uninterrupted(tmp_path, monkeypatch):
     _simulate(tmp_path, n=80, seed=5)
     monkeypatch.chdir(tmp_path)
     kw = dict(psi_step=30, offset_range=2, offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True,
-              ctf=True, pool=40, random_seed=3, log=None)
+              ctf=True, pool=40, random_seed=3, norm=True, scale=True, log=None)
     with local_client(1) as client:
         full = class2d("p.star", tmp_path / "a" / "run", K=3, iter=3, client=client, **kw)
         class2d("p.star", tmp_path / "b" / "run", K=3, iter=2, client=client, **kw)
@@ -269,6 +269,34 @@ def test_class2d_continue_equals_uninterrupted(tmp_path, monkeypatch):
     assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), full.data["rlnClassNumber"].to_numpy())
     assert np.allclose(cont.class_fractions, full.class_fractions, atol=1e-4)
     assert np.abs(other.classes - full.classes).max() > 0.05 * scale
+    # --norm carries over through the files (the per-particle values and their average)
+    np.testing.assert_allclose(cont.data["rlnNormCorrection"], full.data["rlnNormCorrection"], rtol=1e-6)
+    assert full.data["rlnNormCorrection"].std() > 0.001
+
+
+def test_class2d_norm_follows_each_images_level(tmp_path, monkeypatch):
+    """--norm on images whose overall level is x0.7 or x1.4: rlnNormCorrection is twice as large for the second;
+    with one optics group --scale stays 1."""
+    from cryodask.cluster.local import local_client
+    from cryodask.em.class2d import class2d
+    from cryodask.io.mrc import read_stack, write_stack
+    from cryodask.io.star import read_star
+
+    _simulate(tmp_path, n=120, seed=6)
+    img = np.array(read_stack(tmp_path / "p.mrcs", mmap=False))
+    level = np.random.default_rng(1).choice([0.7, 1.4], len(img))
+    write_stack(tmp_path / "p.mrcs", (img * level[:, None, None]).astype(np.float32), APIX)
+    monkeypatch.chdir(tmp_path)
+    with local_client(1) as client:
+        res = class2d("p.star", tmp_path / "run", K=3, iter=3, psi_step=30, offset_range=2, offset_step=1,
+                      particle_diameter=110, zero_mask=True, ctf=True, pool=60, norm=True, scale=True, client=client,
+                      log=None)
+    norm = res.data["rlnNormCorrection"].to_numpy()
+    ratio = np.median(norm[level == 1.4]) / np.median(norm[level == 0.7])
+    assert 1.8 <= ratio <= 2.2, ratio
+    model = read_star(tmp_path / "run_it003_model.star")
+    assert float(model["model_general"]["rlnNormCorrectionAverage"]) == pytest.approx(norm.mean(), rel=1e-4)
+    assert model["model_groups"]["rlnGroupScaleCorrection"].to_numpy() == pytest.approx([1.0])
 
 
 @pytest.mark.relion
