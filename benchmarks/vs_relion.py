@@ -9,7 +9,8 @@ accuracy against the truth — FSC(0.143) resolution of the map against the true
 refine3d (and class3d's best class), class purity for class2d and class3d.
 
 RELION: ``relion_refine --j <cores>`` for class2d/class3d; ``mpirun -n 3 relion_refine_mpi --j 1``
-for refine3d (a master and two half-set ranks). cryodask: its CLI with ``--j <cores>``.
+for refine3d (a master and two half-set ranks). cryodask: its CLI with one single-threaded worker
+per core (``--workers <cores> --j 1``, its default), the particles' default chunking.
 
 Usage::
 
@@ -123,14 +124,14 @@ def main(argv=None) -> None:
              "--tau2_fudge", "2", "--psi_step", "10", "--offset_range", "6", "--offset_step", "2", "--dont_combine_weights_via_disc",
              "--pool", "100", "--j", cores, "--flatten_solvent"] + common,
             ["cryodask", "class2d", "--i", str(paths["particles"]), "--o", "C2D/run", "--K", "10", "--iter",
-             str(it or 25), "--psi_step", "10", "--j", cores] + common),
+             str(it or 25), "--psi_step", "10", "--workers", cores, "--j", "1"] + common),
         "class3d": (
             ["relion_refine", "--i", str(paths["particles"]), "--o", "R3D/run", "--ref", str(tmp / "ref.mrc"),
              "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--tau2_fudge", "4",
              "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", cores, "--flatten_solvent"]
             + common,
             ["cryodask", "class3d", "--i", str(paths["particles"]), "--o", "C3D/run", "--ref", str(tmp / "ref.mrc"),
-             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--j", cores,
+             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--workers", cores, "--j", "1",
              "--flatten_solvent"] + common),
         "refine3d": (
             ["mpirun", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--i", str(paths["particles"]), "--o",
@@ -139,7 +140,7 @@ def main(argv=None) -> None:
              "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", "1", "--flatten_solvent"]
             + (["--iter", str(it)] if it else []) + common,
             ["cryodask", "refine3d", "--i", str(paths["particles"]), "--o", "CR/run", "--ref", str(tmp / "ref.mrc"),
-             "--ini_high", "30", "--healpix_order", "2", "--j", cores, "--flatten_solvent"]
+             "--ini_high", "30", "--healpix_order", "2", "--workers", cores, "--j", "1", "--flatten_solvent"]
             + (["--iter", str(it)] if it else []) + common),
     }
     if shutil.which("relion_refine") is None:

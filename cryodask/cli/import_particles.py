@@ -30,7 +30,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new_box", type=int, default=None, metavar="B",
                         help="Fourier-crop the images to this even box size, below the current one")
     parser.add_argument("--chunk", type=int, default=None, metavar="N",
-                        help="particles per chunk (default: about 16 MB of float32 images, e.g. 256 at box 128)")
+                        help="particles per chunk (default: about 16 MB of float32 images, e.g. 256 at box 128; "
+                             "a small data set still gets about 16 chunks of at least 32)")
     parser.add_argument("--angpix", type=float, default=None, metavar="A",
                         help="pixel size in Å, when the STAR file does not give one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing particle store at --o")

@@ -377,7 +377,7 @@ class StarParticles:
         self.base_dirs = _base_dirs(self.path) if base_dirs is None else [Path(b) for b in base_dirs]
         self.box = _table_box(self.path, self.table, self.base_dirs)
         self.pixel_size = float(self.table.pixel_size())
-        self.chunk = min(_check_chunk(chunk, self.box), len(self.table))
+        self.chunk = min(_check_chunk(chunk, self.box, len(self.table)), len(self.table))
         self._names = self.table.particles["rlnImageName"].astype(str).tolist()
 
     @property
@@ -464,9 +464,22 @@ def _base_dirs(star: Path) -> list[Path]:
     return dirs[:1] if dirs[0] == dirs[1] else dirs
 
 
-def _check_chunk(chunk: int | None, box: int) -> int:
+#: a small data set is still cut into about this many chunks (at least _MIN_SPLIT_CHUNK particles each),
+#: so that every worker has tasks; the rule depends on the data alone, so the same seed gives the
+#: same chunks, and the same result, on any cluster
+_TARGET_CHUNKS = 16
+_MIN_SPLIT_CHUNK = 32
+
+
+def data_chunk(box: int, n_particles: int) -> int:
+    """The default particles per chunk of a data set: :func:`default_chunk`, or fewer for a small
+    data set, so that it still makes about 16 tasks (at least 32 particles each)."""
+    return int(min(default_chunk(box), max(_MIN_SPLIT_CHUNK, math.ceil(n_particles / _TARGET_CHUNKS))))
+
+
+def _check_chunk(chunk: int | None, box: int, n_particles: int | None = None) -> int:
     if chunk is None:
-        return default_chunk(box)
+        return default_chunk(box) if n_particles is None else data_chunk(box, n_particles)
     if int(chunk) != chunk or chunk < 1:
         raise UserError("--chunk", f"{chunk} is not a positive whole number of particles; give e.g. --chunk 256")
     return int(chunk)
@@ -588,7 +601,8 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
         normalisation: means and band-limited values are preserved); the pixel size
         becomes ``angpix * box / new_box``.
     chunk
-        Particles per chunk; default :func:`default_chunk` (~16 MB of float32).
+        Particles per chunk; default :func:`data_chunk` (~16 MB of float32, or fewer particles
+        when the data set would make fewer than 16 chunks).
     angpix
         Pixel size in Å when the STAR file does not give one (passed to ``read_particles``).
     overwrite
@@ -639,7 +653,7 @@ def import_particles(star_path: PathLike, store_path: PathLike, *, float16: bool
             raise UserError("--new_box", f"{new_box} must be an even number of pixels below the current box "
                                          f"{box0}, e.g. --new_box {max(2, (box0 // 2) // 2 * 2)}")
         box = int(new_box)
-    chunk = min(_check_chunk(chunk, box), len(table))  # a chunk larger than the data set only wastes disk
+    chunk = min(_check_chunk(chunk, box, len(table)), len(table))  # a chunk larger than the data set wastes disk
     angpix_new = angpix0 * box0 / box
     dtype = np.dtype(np.float16 if float16 else np.float32)
 

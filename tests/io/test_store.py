@@ -394,3 +394,13 @@ def test_disk_full_while_writing_is_a_user_error(dataset, tmp_path, monkeypatch)
     assert not list(tmp_path.glob("full.zarr*"))
     with pytest.raises(UserError, match="folder .*nowhere does not exist"):
         st.import_particles(star, tmp_path / "nowhere" / "x.zarr")
+
+
+def test_small_data_sets_default_to_several_chunks(dataset, tmp_path):
+    """The default chunk keeps ~16 MB for large data sets but cuts a small one into several tasks (>= 32 each),
+    from the data alone (so the same seed gives the same chunks on any cluster)."""
+    star, _, _ = dataset  # 70 particles at box 32: default_chunk would put them all in one chunk
+    assert st.data_chunk(32, 70) == 32 and st.data_chunk(32, 100_000) == st.default_chunk(32) == 1024
+    assert st.data_chunk(64, 3000) == 188  # 16 tasks
+    assert st.open_particles(star).n_chunks == 3
+    assert st.import_particles(star, tmp_path / "d.zarr").n_chunks == 3
