@@ -617,6 +617,16 @@ class Class2DResult(RunViews):
     output_root: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def particles(self) -> pd.DataFrame:
+        """The particles with their classes, psi and offsets (``data``)."""
+        return self.data
+
+    @property
+    def maps(self) -> np.ndarray:
+        """The class averages ``(K, B, B)`` (``classes``)."""
+        return self.classes
+
 
 def _column(parts: pd.DataFrame, label: str, default: float) -> np.ndarray:
     if label in parts.columns:

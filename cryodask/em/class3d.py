@@ -60,6 +60,11 @@ class Class3DResult(RunViews):
     output_root: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def particles(self) -> pd.DataFrame:
+        """The particles with their classes and poses (``data``)."""
+        return self.data
+
 
 def _power_spectrum(path: str, pad: float) -> np.ndarray:
     from cryodask.em.iteration import load_projector

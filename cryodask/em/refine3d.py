@@ -50,6 +50,16 @@ class Refine3DResult(RunViews):
     output_root: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def particles(self) -> pd.DataFrame:
+        """The particles with their refined poses (``data``)."""
+        return self.data
+
+    @property
+    def maps(self) -> list[np.ndarray]:
+        """``[map]``: the final joined map, as ``.maps`` of the other jobs' results."""
+        return [self.map]
+
 
 def image_size_for(ires: int, box: int, incr_size: int) -> int:
     """RELION's ``current_size = 2·(ires + incr_size)``, even and at most the box."""

@@ -105,6 +105,7 @@ def test_progress_lines_plots_report_and_result_views(small, short_run):
     assert "left" in its[0] and "left" not in its[-1]
     assert (folder / "A" / "run_it002_fsc.png").stat().st_size > 1000
     assert "<img" in (folder / "A" / "run_report.html").read_text()
+    assert short_run.particles is short_run.data and short_run.maps[0] is short_run.map  # the names of #7
     ax = short_run.plot_fsc()
     assert "0.143" in " ".join(t.get_text() for t in ax.figure.findobj(lambda o: hasattr(o, "get_text")))
     sampling = read_star(folder / "A" / "run_it001_sampling.star")["sampling_general"]
