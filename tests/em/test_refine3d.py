@@ -210,3 +210,20 @@ def test_norm_and_scale_recover_image_and_group_intensities(tmp_path, client):
     assert int(opt["rlnDoCorrectNorm"]) == 1 and int(opt["rlnDoCorrectScale"]) == 1
     mask = spherical_mask(BOX, 0.4 * BOX, width=3)
     assert resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX) < 20.0
+
+
+def test_refused_before_starting_when_a_worker_cannot_hold_the_job(small, tmp_path):
+    """The memory pre-flight: a worker limit too small for the job even with one particle per task is refused
+    before anything is written, naming the fixes."""
+    from distributed import Client, LocalCluster
+
+    from cryodask.errors import UserError
+
+    folder, _, _, paths = small
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit="40MB",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        with pytest.raises(UserError, match="[EM]-step of refine3d") as e:
+            refine3d(paths["particles"], tmp_path / "run", folder / "ref.mrc", healpix_order=1, client=client,
+                     **{**COMMON, "pool": None})
+    assert "--pad 1" in str(e.value) and "more memory" in str(e.value)
+    assert not list(tmp_path.glob("run_it*"))
