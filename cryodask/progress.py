@@ -45,6 +45,20 @@ def hidden_variable_sampling_points(n_classes: int, n_directions: int, n_psi: in
     return int(n_classes) * dirs * int(n_psi) * 2 ** os_ * int(n_translations) * 4 ** os_
 
 
+def _interactive(stream: Any) -> bool:
+    """A terminal, or a Jupyter kernel (where ``tqdm.auto`` draws a widget)."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
+            return True
+    except ImportError:
+        pass
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def format_seconds(s: float) -> str:
     """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
     s = max(0.0, float(s))
@@ -75,6 +89,8 @@ class JobProgress:
         Name printed at the start of each line (``refine3d``, ``class2d``…).
     quiet
         No progress bars (for batch logs); the dashboard link and the per-iteration lines are kept.
+        Bars on the process's own stderr are drawn only on a terminal or in Jupyter, so a
+        batch job's log file holds the lines alone even without ``quiet``.
     total_iterations
         Iterations expected, for the estimate of the time left (unknown: no estimate).
     stream
@@ -90,6 +106,8 @@ class JobProgress:
         self.quiet = bool(quiet)
         self.total_iterations = total_iterations
         self.stream = sys.stderr if stream == "stderr" else stream
+        self._bars = not self.quiet and self.stream is not None and (
+            self.stream is not sys.stderr or _interactive(self.stream))
         self.log = log
         self.iteration_seconds: list[float] = []
         self.lines: list[str] = []
@@ -143,7 +161,7 @@ class JobProgress:
         return n
 
     def _make_bar(self, total: int, desc: str | None) -> Any:
-        if self.quiet or self.stream is None:
+        if not self._bars:
             return None
         from tqdm.auto import tqdm
 

@@ -38,6 +38,22 @@ def test_track_counts_every_future_and_leaves_the_results(client):
     assert "0/9" in out.getvalue() and "refine3d it001 E-step" in out.getvalue()  # a bar was drawn (and cleared)
 
 
+def test_no_bars_when_stderr_is_a_batch_log(client, capsys, monkeypatch):
+    """The process's stderr redirected to a file (a batch job): lines only, no bar, without --quiet; a terminal
+    gets the bar."""
+    import sys
+
+    p = JobProgress("class2d", total_iterations=2)  # stderr under pytest's capture: not a terminal
+    assert p.track([client.submit(_slow_square, i, pure=False) for i in range(3)], "it001") == 3
+    p.iteration_done(1, 1.0)
+    err = capsys.readouterr().err
+    assert "class2d it001/002" in err and "/3" not in err and "\r" not in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    p = JobProgress("class2d")
+    p.track([client.submit(_slow_square, 1, pure=False)], "it001")
+    assert "0/1" in capsys.readouterr().err
+
+
 def test_track_returns_when_a_task_fails(client):
     out = io.StringIO()
     p = JobProgress("class3d", stream=out)
