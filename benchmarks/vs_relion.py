@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -101,6 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iter", type=int, default=None, help="cap iterations (class2d/class3d; refine3d: --iter too)")
     ap.add_argument("--j", type=int, default=os.cpu_count() or 1, help="cores for both programs")
     ap.add_argument("--keep", default=None, help="folder to keep the runs in (default: a temporary one)")
+    ap.add_argument("--reuse_relion", action="store_true",
+                    help="with --keep: take RELION's figures from an earlier run in that folder (its <job>_relion.json)")
     args = ap.parse_args(argv)
     from cryodask.io.mrc import write_map
     from cryodask.ops.filters import low_pass_filter
@@ -143,7 +146,8 @@ def main(argv=None) -> None:
              "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", "1", "--flatten_solvent"]
             + (["--iter", str(it)] if it else []) + common,
             ["cryodask", "refine3d", "--i", str(paths["particles"]), "--o", "CR/run", "--ref", str(tmp / "ref.mrc"),
-             "--ini_high", "30", "--healpix_order", "2", "--workers", cores, "--j", "1", "--flatten_solvent"]
+             "--ini_high", "30", "--healpix_order", "2", "--auto_local_healpix_order", "4",
+             "--low_resol_join_halves", "40", "--firstiter_cc", "--workers", cores, "--j", "1", "--flatten_solvent"]
             + (["--iter", str(it)] if it else []) + common),
     }
     if shutil.which("relion_refine") is None:
@@ -158,7 +162,13 @@ def main(argv=None) -> None:
             import sys
 
             cd_cmd = [sys.executable, "-m", "cryodask"] + cd_cmd[1:]
-        tr, mr, rcr = run_tree(rel_cmd, tmp, tmp / f"{job}_relion.log")
+        record = tmp / f"{job}_relion.json"
+        if args.reuse_relion and record.is_file():
+            tr, mr, rcr = json.loads(record.read_text())
+            print(f"{job}: RELION's figures from {record}")
+        else:
+            tr, mr, rcr = run_tree(rel_cmd, tmp, tmp / f"{job}_relion.log")
+            record.write_text(json.dumps([tr, mr, rcr]))
         tc, mc, rcc = run_tree(cd_cmd, tmp, tmp / f"{job}_cryodask.log")
         acc_r = acc_c = float("nan")
         out_r, out_c = Path(rel_cmd[rel_cmd.index("--o") + 1]).parent, Path(cd_cmd[cd_cmd.index("--o") + 1]).parent
