@@ -160,7 +160,8 @@ def _summarise(acc, join_shell: int) -> dict[str, Any]:
     from cryodask.em.mstep import reconstruction_sigma2
 
     b = _halves(acc, join_shell)
-    return {"fsc": fsc_of_accumulators(acc.bp[0], acc.bp[1]),
+    # RELION joins the halves below --low_resol_join_halves first, then compares them (FSC 1 there)
+    return {"fsc": fsc_of_accumulators(b[0], b[1]),
             "sigma2": [np.asarray(reconstruction_sigma2(x)) for x in b],
             "sigma2_joined": np.asarray(reconstruction_sigma2(acc.bp[0] + acc.bp[1])),
             "acc": replace(acc, bp=[])}
