@@ -254,7 +254,6 @@ def _classify(session, opts, log) -> Class3DResult:
     from cryodask.io.mrc import read_map
     from cryodask.ops.filters import low_pass_filter
 
-    log = log or _silent
     particles = _preflight(session, opts, K=opts["K"], log=log)
     run = _Run(session, particles, opts)
     root = opts["o"]
@@ -316,22 +315,12 @@ def _classify(session, opts, log) -> Class3DResult:
     return _iterate(run, refs, model, log)
 
 
-def _silent(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def _iterate(run, refs: list[str], model, log) -> Class3DResult:
     from cryodask.em.monitor import JobMonitor
 
-    monitor = JobMonitor("class3d", run.client, output_root=run.state.output_root,
-                         total_iterations=run.state.n_iterations, log=None if log is _silent else log,
-                         quiet=run.o.get("quiet", False))
-    try:
-        res = _iterations(run, refs, model, monitor)
-    finally:
-        monitor.progress.close()
-    monitor.finish()
-    return res
+    with JobMonitor("class3d", run.client, output_root=run.state.output_root,
+                    total_iterations=run.state.n_iterations, log=log, quiet=run.o.get("quiet", False)) as monitor:
+        return _iterations(run, refs, model, monitor)
 
 
 def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:

@@ -82,6 +82,16 @@ class JobMonitor:
         self._t = time.perf_counter()
         return line
 
+    def __enter__(self) -> "JobMonitor":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # the report only for a run that ended; an interrupted one just closes its bar
+        if exc_type is None:
+            self.finish()
+        else:
+            self.progress.close()
+
     def finish(self) -> str | None:
         """Write ``run_report.html`` beside the outputs; returns its path (None when plots are off or it failed)."""
         self.progress.close()

@@ -274,7 +274,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
                      preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
-        return _refine(session, opts, log or _silent)
+        return _refine(session, opts, log)
 
 
 def _check_inputs(opts) -> None:
@@ -417,18 +417,9 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
     from cryodask.em.monitor import JobMonitor
 
     total = None if run.o["iter"] is None else int(run.o["iter"]) + 1  # + the final joined iteration
-    monitor = JobMonitor("refine3d", run.client, output_root=run.state.output_root, total_iterations=total,
-                         log=None if log is _silent else log, quiet=run.o.get("quiet", False))
-    try:
-        res = _iterations(run, refs, monitor)
-    finally:
-        monitor.progress.close()
-    monitor.finish()
-    return res
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    return None
+    with JobMonitor("refine3d", run.client, output_root=run.state.output_root, total_iterations=total, log=log,
+                    quiet=run.o.get("quiet", False)) as monitor:
+        return _iterations(run, refs, monitor)
 
 
 def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
