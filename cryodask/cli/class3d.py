@@ -55,6 +55,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--auto_focus_iter", type=int, default=0,
                    help="cryodask: the last N iterations classify without alignment at the poses found, focused on "
                         "a mask around where the classes differ (default 0: off)")
+    g.add_argument("--firstiter_cc", action="store_true", help="cross-correlation in the first iteration")
     g.add_argument("--iter", type=int, default=None, help="iterations (default 25)")
     g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
     g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
                   offset_range=args.offset_range, offset_step=args.offset_step, oversampling=args.oversampling,
                   sym=args.sym, ctf=args.ctf, pad=args.pad, tau2_fudge=args.tau2_fudge, zero_mask=args.zero_mask,
                   flatten_solvent=args.flatten_solvent, solvent_mask=args.solvent_mask, skip_align=args.skip_align,
-                  auto_focus_iter=args.auto_focus_iter,
+                  auto_focus_iter=args.auto_focus_iter, firstiter_cc=args.firstiter_cc,
                   iter=args.iter, random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from,
                   norm=args.norm, scale=args.scale, command_line=command_line(args, "class3d"), quiet=args.quiet,
                   **execution_keywords(vars(args)))

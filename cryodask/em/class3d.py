@@ -140,7 +140,8 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False,
             pad: float | None = None, tau2_fudge: float | None = None, zero_mask: bool = False,
             flatten_solvent: bool = False, solvent_mask: str | Path | None = None, skip_align: bool = False,
-            auto_focus_iter: int = 0, norm: bool = False, scale: bool = False, iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
+            auto_focus_iter: int = 0, firstiter_cc: bool = False, norm: bool = False, scale: bool = False,
+            iter: int | None = None, random_seed: int = 0, pool: int | None = None, skip_gridding: bool = True,
             incr_size: int = 10, perturb: float = 0.5, adaptive_fraction: float = 0.999,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
             quiet: bool = False) -> Class3DResult:
@@ -168,6 +169,9 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     auto_focus_iter
         The last this many iterations classify without alignment at the poses found, focused on
         where the classes differ (see the module doc); 0 (the default) keeps RELION's behaviour.
+    firstiter_cc
+        Score the first iteration by cross-correlation (RELION's ``--firstiter_cc``): a reference
+        whose grey scale differs from the images' does not bias the first assignments.
     norm, scale
         RELION's ``--norm`` (a normalisation correction per particle) and ``--scale`` (an intensity
         scale per optics group); not with ``skip_align``, where they stay as read.
@@ -202,7 +206,8 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
                 iter=iter, random_seed=random_seed, pool=pool, skip_gridding=skip_gridding, incr_size=incr_size,
                 perturb=perturb, adaptive_fraction=adaptive_fraction, command_line=command_line,
                 continue_from=None if continue_from is None else str(continue_from),
-                auto_local_healpix_order=99, low_resol_join_halves=-1.0, firstiter_cc=False, auto_iter_max=iter,
+                auto_local_healpix_order=99, low_resol_join_halves=-1.0,
+                firstiter_cc=bool(firstiter_cc) and not skip_align, auto_iter_max=iter,
                 quiet=bool(quiet), job="class3d")
     _check(opts)  # bad input fails before a cluster starts
     Path(opts["o"]).parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +294,7 @@ def _classify(session, opts, log) -> Class3DResult:
     st.max_pooled = int(particles.chunk_slices()[0].stop - particles.chunk_slices()[0].start)
     st.do_skip_align = bool(opts["skip_align"])
     st.do_norm_correction, st.do_scale_correction = bool(opts["norm"]), bool(opts["scale"])
+    st.firstiter_cc = bool(opts["firstiter_cc"])
     st.auto_focus_iter = 0 if st.do_skip_align else int(opts["auto_focus_iter"])
     mask = None
     if opts["solvent_mask"]:
@@ -354,6 +360,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                                         apix, box, current_size)
         paths = [str(Path(r).resolve()) for r in refs]
         random_classes = it == 1 and K > 1
+        mode = "cc" if (it == 1 and st.firstiter_cc) else "ml"
         if st.do_skip_align:
             setup = SkipAlignSetup(
                 iteration=it, box=box, pixel_size=apix, pad=model.pad, current_size=current_size,
@@ -373,7 +380,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 adaptive_fraction=st.adaptive_fraction, particle_diameter=st.particle_diameter,
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
-                random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction,
+                random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction, mode=mode,
                 avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None)
             task, name = expectation_chunk, "class3d"
         tau2_f = [client.submit(_power_spectrum, paths[k], model.pad, pure=False) for k in range(K)]
@@ -418,7 +425,8 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         nsig = np.zeros(run.n, np.int64)
         nsig[idx] = np.concatenate([r.n_significant for r in pp])
         p["rlnNrOfSignificantSamples"] = nsig
-        avg_norm = update_norm_column(p, pp, idx, st.do_norm_correction and not st.do_skip_align)
+        ml = mode == "ml" and not st.do_skip_align
+        avg_norm = update_norm_column(p, pp, idx, st.do_norm_correction and ml)
         if avg_norm is not None:
             model.avg_norm = avg_norm
         changes_classes = float(np.mean(old_class != cls)) if it > 1 else 1.0
@@ -434,7 +442,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
             model.sigma2_noise[g] = np.where(
                 inside, acc.sigma2_sum[0, g] / np.maximum(2.0 * acc.pixel_count[0, g], 1e-30),
                 acc.power_sum[0, g] / (2.0 * nn * np.maximum(npix_all, 1)))
-        if acc.weight_sum[0] > 0 and not st.do_skip_align:
+        if acc.weight_sum[0] > 0 and ml:
             model.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[0] / (2.0 * acc.weight_sum[0]))))
         for k in range(K):
             model.tau2[k] = tau2[k]
@@ -448,7 +456,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         model.ave_pmax = float(p["rlnMaxValueProbDistribution"].mean())
         model.log_likelihood = float(p["rlnLogLikeliContribution"].sum())
         model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
-        if st.do_scale_correction and acc.signal_product is not None:
+        if st.do_scale_correction and ml and acc.signal_product is not None:
             ssnr = (model.class_fractions[:, None] * model.data_vs_prior).sum(axis=0)  # by the classes' share
             model.scale = scale_correction(model.scale, acc.signal_product[0], acc.reference_power[0], ssnr,
                                            model.group_nr_particles)

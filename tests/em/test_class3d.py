@@ -139,3 +139,33 @@ def test_cli_refuses_bad_input_without_a_traceback(tmp_path, capsys):
     write_map(tmp_path / "neg.mrc", -np.ones((BOX,) * 3, np.float32), APIX)
     assert main(base + ["--ref", str(tmp_path / "ref.mrc"), "--solvent_mask", str(tmp_path / "neg.mrc")]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_firstiter_cc_scores_the_first_iteration_independently_of_the_reference_scale(tmp_path):
+    """--firstiter_cc: the first iteration's poses do not change when the reference is 50x too bright (the
+    cross-correlation is scale-free; RELION's reason for the option), its posteriors are one-hot, and from the
+    second iteration on the run is maximum likelihood again."""
+    from cryodask.cli import main
+
+    _mixture(tmp_path, 120)
+    ref, _ = read_map(str(tmp_path / "ref.mrc"))
+    write_map(tmp_path / "bright.mrc", 50 * ref, APIX)
+    base = ["class3d", "--i", str(tmp_path / "particles.star"), "--K", "2", "--ini_high", "30", "--ctf",
+            "--particle_diameter", str(0.8 * BOX * APIX), "--healpix_order", "0", "--offset_range", "2",
+            "--offset_step", "1", "--zero_mask", "--random_seed", "5", "--pool", "60", "--j", "1", "--workers", "2",
+            "--quiet"]
+    runs = {}
+    for name, ref_name, extra, n_iter in (("cc", "ref.mrc", ["--firstiter_cc"], "2"),
+                                          ("cc_bright", "bright.mrc", ["--firstiter_cc"], "1"),
+                                          ("ml_bright", "bright.mrc", [], "1")):
+        assert main(base + ["--ref", str(tmp_path / ref_name), "--o", str(tmp_path / name / "run"),
+                            "--iter", n_iter] + extra) == 0
+        runs[name] = read_particles(tmp_path / name / "run_it001_data.star").particles
+    angles = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    np.testing.assert_allclose(runs["cc_bright"][angles], runs["cc"][angles])
+    assert np.abs(runs["ml_bright"][angles].to_numpy() - runs["cc"][angles].to_numpy()).max() > 1.0
+    assert np.all(runs["cc"]["rlnMaxValueProbDistribution"] == 1.0)
+    opt = read_star(tmp_path / "cc" / "run_it002_optimiser.star")["optimiser_general"]
+    assert int(opt["rlnCryodaskFirstIterCc"]) == 1
+    second = read_particles(tmp_path / "cc" / "run_it002_data.star").particles
+    assert second["rlnMaxValueProbDistribution"].min() < 0.99  # ML posteriors again
