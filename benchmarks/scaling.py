@@ -50,11 +50,6 @@ def _meta(sim, sl):
     from cryodask.em.iteration import ChunkMeta
 
     n = sl.stop - sl.start
-    t = sim.truth if hasattr(sim, "truth") else None
-    ctf = None
-    if t is not None and "rlnDefocusU" in t:
-        ctf = {k: np.asarray(t[c].to_numpy()[sl], np.float64) for k, c in (
-            ("defocus_u", "rlnDefocusU"), ("defocus_v", "rlnDefocusV"), ("defocus_angle", "rlnDefocusAngle"))}
     return ChunkMeta(index=np.arange(sl.start, sl.stop), rot=np.zeros(n), tilt=np.zeros(n), psi=np.zeros(n),
                      origins_px=np.zeros((n, 2)), half=np.arange(sl.start, sl.stop) % 2 + 1,
                      optics=np.zeros(n, np.int64), ctf=None, premultiplied=None)

@@ -388,7 +388,8 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
     samples at ``current_size`` (:func:`cryodask.em.estep.score_two_pass`)."""
     from dataclasses import replace
 
-    from cryodask.em.estep import log_sigma2_term, phase_ramps, precompute_shifted, score_two_pass, scoring_terms
+    from cryodask.em.estep import (lazy_scoring_terms, log_sigma2_term, phase_ramps, precompute_shifted,
+                                   score_two_pass, scoring_terms)
     from cryodask.geometry.shifts import oversample_translations, translation_grid
 
     box, os_ = setup.box, setup.oversampling
@@ -401,8 +402,7 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
     ramps_f = phase_ramps(px["freqs"], -T_f, box)
     coarse = scoring_terms(precompute_shifted(pc["Xm"], ramps_c), ctf=pc["ctf"], inv_sigma2=pc["isg"],
                            n_trans=len(T_c))
-    fine = scoring_terms(precompute_shifted(px["Xm"], ramps_f), ctf=px["ctf"], inv_sigma2=px["isg"],
-                         n_trans=len(T_f))
+    fine = lazy_scoring_terms(px["Xm"], ramps_f, ctf=px["ctf"], inv_sigma2=px["isg"])
     proj_c = load_references(setup.references, pad=setup.pad, r_max=setup.coarse_size / 2.0)
     proj_f = load_references(setup.references, pad=setup.pad, r_max=setup.current_size / 2.0)
     P_c = proj_c.sample(psi_c, pc["kx"], pc["ky"])

@@ -203,7 +203,10 @@ def precompute_shifted(X: Any, ramps: Any, *, double: bool = False) -> Array:
     X = xp.asarray(X, dtype=cdt)
     ramps = xp.asarray(ramps, dtype=cdt)
     n_i, k = X.shape
-    return (X[:, None, :] * ramps[None, :, :]).reshape(n_i * ramps.shape[0], k)
+    # into a C-ordered array: a product laid out after its inputs' strides would be copied by reshape
+    out = xp.empty((n_i, ramps.shape[0], k), dtype=cdt)
+    xp.multiply(X[:, None, :], ramps[None, :, :], out=out)
+    return out.reshape(n_i * ramps.shape[0], k)
 
 
 def offset_prior_diff2(translations: Any, old_offsets: Any, prior_offsets: Any = None, *,
@@ -250,8 +253,9 @@ class ScoringTerms:
 
     Attributes
     ----------
-    cross : (N_i·N_t, K) complex
-        ``m s CTF inv_sigma2 · X_i^t`` (``ml``) or ``m CTF · X_i^t`` (``cc``).
+    cross : (N_i·N_t, K) complex, or None
+        ``m s CTF inv_sigma2 · X_i^t`` (``ml``) or ``m CTF · X_i^t`` (``cc``). None in terms made by
+        :func:`lazy_scoring_terms`, which shift the images only when translations are selected.
     power : (N_i, K) real
         ``m s² CTF² inv_sigma2 / 2`` (``ml``) or ``m CTF²`` (``cc``).
     constant : (N_i,) float64
@@ -260,14 +264,19 @@ class ScoringTerms:
         ``sqrt(Σ m |X_i|²)`` (``cc`` only; RELION's ``exp_local_sqrtXi2``).
     n_trans : int
     mode : {"ml", "cc"}
+    base, ramps : (N_i, K) and (N_t, K) complex, or None
+        Lazy terms only: the unshifted ``cross`` of each particle and the phase ramps, whose
+        product row by row is ``cross``.
     """
 
-    cross: Array
+    cross: Array | None
     power: Array
     constant: Array
     n_trans: int
     mode: str = "ml"
     sqrt_xi2: Array | None = None
+    base: Array | None = None
+    ramps: Array | None = None
 
     @property
     def n_particles(self) -> int:
@@ -277,19 +286,31 @@ class ScoringTerms:
     def n_pixels(self) -> int:
         return int(self.power.shape[1])
 
+    @property
+    def complex_dtype(self) -> Any:
+        return (self.base if self.cross is None else self.cross).dtype
+
     def select_translations(self, index: Any) -> ScoringTerms:
         """The same terms restricted to the translations ``index`` (in the given order)."""
-        xp = array_module(self.cross)
+        xp = array_module(self.power)
         index = xp.asarray(index, dtype=np.int64)
         n_i, k = self.power.shape
+        if self.cross is None:  # shift the images by these translations only
+            m = int(index.shape[0])
+            cross = xp.empty((n_i, m, k), dtype=self.base.dtype)
+            xp.multiply(self.base[:, None, :], self.ramps[index][None, :, :], out=cross)
+            return replace(self, cross=cross.reshape(n_i * m, k), base=None, ramps=None, n_trans=m)
         cross = self.cross.reshape(n_i, self.n_trans, k)[:, index, :].reshape(n_i * int(index.shape[0]), k)
         return replace(self, cross=xp.ascontiguousarray(cross), n_trans=int(index.shape[0]))
 
     def select_particles(self, index: Any) -> ScoringTerms:
         """The same terms for the particles ``index`` only (in the given order)."""
-        xp = array_module(self.cross)
+        xp = array_module(self.power)
         index = xp.asarray(index, dtype=np.int64)
         n_i, k = self.power.shape
+        if self.cross is None:
+            return replace(self, base=self.base[index], power=self.power[index], constant=self.constant[index],
+                           sqrt_xi2=None if self.sqrt_xi2 is None else self.sqrt_xi2[index])
         cross = self.cross.reshape(n_i, self.n_trans, k)[index].reshape(int(index.shape[0]) * self.n_trans, k)
         return replace(self, cross=xp.ascontiguousarray(cross), power=self.power[index],
                        constant=self.constant[index],
@@ -361,6 +382,21 @@ def scoring_terms(X_shifted: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int, sc
                         n_trans=n_trans, mode="ml")
 
 
+def lazy_scoring_terms(X: Any, ramps: Any, **kwargs: Any) -> ScoringTerms:
+    """:func:`scoring_terms` of ``X`` (N_i, K) shifted by each row of ``ramps`` (N_t, K), kept unshifted.
+
+    The shifted images are made by :meth:`ScoringTerms.select_translations`, for the translations
+    selected only: the fine pass needs the children of the significant coarse translations, a
+    small part of all ``N_t`` once posteriors sharpen. ``kwargs`` are those of :func:`scoring_terms`
+    (``n_trans`` excepted). Since the ramps are pure phases, ``X_i·w_i·ramp_t`` equals the
+    ``w_i``-weighted shifted image of :func:`scoring_terms`.
+    """
+    terms = scoring_terms(X, n_trans=1, **kwargs)
+    xp = array_module(terms.cross)
+    return replace(terms, cross=None, base=terms.cross, n_trans=int(ramps.shape[0]),
+                   ramps=xp.asarray(ramps, dtype=terms.cross.dtype))
+
+
 def _orientation_block(n_rows: int, n_orient: int, itemsize: int, block_bytes: int) -> int:
     # At least 64 orientations per GEMM so BLAS stays efficient, at most what fits the budget.
     return int(max(1, min(n_orient, max(64, block_bytes // max(1, n_rows * itemsize)))))
@@ -375,6 +411,8 @@ def score_terms(terms: ScoringTerms, P: Any, *, include_constant: bool = True, o
     ``block_bytes``. ``out`` (any (N_i, N_r, N_t) real view, e.g. a slice of a stack of
     classes) receives the result.
     """
+    if terms.cross is None:
+        terms = terms.select_translations(np.arange(terms.n_trans))
     xp = array_module(terms.cross, P)
     cdt = terms.cross.dtype
     rdt = terms.power.dtype
@@ -1008,7 +1046,7 @@ def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: S
                  log_prior_orient: Any, log_prior_trans: Any, adaptive_fraction: float, maxsig: int,
                  logsigma2: Any, block_bytes: int) -> tuple[Posterior, Any]:
     """Pass 0 of :func:`score_two_pass`: the coarse posterior and the class-flattened orientation prior."""
-    xp = array_module(coarse.cross)
+    xp = array_module(coarse.power)
     if coarse.mode != fine.mode:
         raise ValueError("coarse and fine terms must use the same mode")
     n_class = len(coarse_projections)
@@ -1038,7 +1076,7 @@ def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[
                log_prior_trans: Any, *, n_class: int, n_rc: int, n_over_rot: int, n_over_trans: int,
                adaptive_fraction: float, logsigma2: Any, block_bytes: int) -> TwoPassResult:
     """Pass 1 of :func:`score_two_pass`: dense over the union of the particles' significant coarse samples."""
-    xp = array_module(fine.cross)
+    xp = array_module(fine.power)
     rdt = fine.power.dtype
     n_i = fine.n_particles
     orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
@@ -1055,7 +1093,7 @@ def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[
     for c in range(n_class):
         rc = rows[(rows >= c * n_rc) & (rows < (c + 1) * n_rc)] - c * n_rc
         orient = (rc[:, None] * n_over_rot + child_r[None, :]).reshape(-1)
-        proj = fine_projector(c, orient) if orient.shape[0] else xp.zeros((0, fine.n_pixels), dtype=fine.cross.dtype)
+        proj = fine_projector(c, orient) if orient.shape[0] else xp.zeros((0, fine.n_pixels), dtype=fine.complex_dtype)
         classes.append(FineClass(class_index=c, orientations=orient, projections=proj, start=start))
         start += int(orient.shape[0])
     diff2 = xp.empty((n_i, start, int(fine_t.shape[0])), dtype=rdt)
@@ -1167,7 +1205,7 @@ def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_proj
                                log_prior_orient=log_prior_orient, log_prior_trans=log_prior_trans,
                                adaptive_fraction=adaptive_fraction, maxsig=maxsig, logsigma2=logsigma2,
                                block_bytes=block_bytes)
-    xp = array_module(fine.cross)
+    xp = array_module(fine.power)
     n_i = fine.n_particles
     out = []
     for g in fine_groups(post_c.significant, projection_cost=projection_cost, group_cost=group_cost):

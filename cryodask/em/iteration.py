@@ -347,8 +347,8 @@ class _FineCache:
 
 
 def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampling, coarse_index, log_prior_orient,
-                 kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, setup: IterationSetup, optics, n_optics, sigma_offset,
-                 P_c=None):
+                 kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, ramps_c, ramps_f, setup: IterationSetup, optics,
+                 n_optics, sigma_offset, P_c=None):
     """Score one batch of particles against every class in ``projs`` (one set of coarse orientations).
 
     The coarse pass covers the batch; the fine pass runs per group of particles
@@ -358,24 +358,17 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampli
     None when the class received no significant sample)``, and per class the weighted slices
     summed over the groups per fine orientation, ``(rotation matrices, data, weight)``, to insert.
     """
-    from cryodask.em.estep import (gaussian_log_prior_trans, mstep_sums, offset_prior_diff2, phase_ramps,
+    from cryodask.em.estep import (gaussian_log_prior_trans, lazy_scoring_terms, mstep_sums, offset_prior_diff2,
                                    precompute_shifted, score_two_pass_grouped, scoring_terms)
 
     xp = backend.array_module(Xc)
     n_i = Xc.shape[0]
     os_ = setup.oversampling
     n_over_rot, n_over_trans = 8 ** os_, 4 ** os_
-    fc = np.stack([kx_c, ky_c], axis=1)
-    ff = np.stack([kx_f, ky_f], axis=1)
-    box = setup.box
-    # translation t scores the image moved by +t (new origin = old + t); phase_ramps moves by −t
-    ramps_c = phase_ramps(fc, -t_coarse, box)
-    ramps_f = phase_ramps(ff, -t_fine, box)
-    n_tc, n_tf = len(t_coarse), len(t_fine)
+    n_tc = len(t_coarse)
     coarse = scoring_terms(precompute_shifted(Xc, ramps_c), ctf=ctf_c, inv_sigma2=isg_c, n_trans=n_tc,
                            mode=setup.mode)
-    fine = scoring_terms(precompute_shifted(Xf, ramps_f), ctf=ctf_f, inv_sigma2=isg_f, n_trans=n_tf,
-                         mode=setup.mode)
+    fine = lazy_scoring_terms(Xf, ramps_f, ctf=ctf_f, inv_sigma2=isg_f, mode=setup.mode)
     if P_c is None:
         mats_c = sampling.orientations(coarse_index).matrices(np.float32)
         P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
@@ -451,8 +444,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     from cryodask.geometry.euler import euler_to_matrix, matrix_to_euler
     from cryodask.geometry.healpix import healpix_sampling, local_subset
     from cryodask.geometry.shifts import oversample_translations, translation_grid
-    from cryodask.ops.backproject import BackProjector
+    from cryodask.em.estep import phase_ramps
     from cryodask.em.state import iteration_rng
+    from cryodask.ops.backproject import BackProjector
 
     images = np.asarray(images, dtype=np.float32)
     n = len(images)
@@ -487,6 +481,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     t_coarse = translation_grid(setup.offset_range, setup.offset_step,
                                 random_perturbation=setup.random_perturbation)
     t_fine = oversample_translations(t_coarse, None, setup.oversampling, setup.offset_step)
+    # translation t scores the image moved by +t (new origin = old + t); phase_ramps moves by −t
+    ramps_c = phase_ramps(np.stack([kx_c, ky_c], axis=1), -t_coarse, box)
+    ramps_f = phase_ramps(np.stack([kx_f, ky_f], axis=1), -t_fine, box)
 
     acc = Accumulators(
         bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(n_refs)],
@@ -542,8 +539,8 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                       ctf_f=C[b][:, flat_f], isg_c=_inv_sigma2(sigma2, ob, sh_c, origin=False),
                       isg_f=_inv_sigma2(sigma2, ob, sh_f, origin=False),
                       isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), projs=projs, sampling=sampling,
-                      kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, setup=setup,
-                      optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h], P_c=P_c)
+                      kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, ramps_c=ramps_c,
+                      ramps_f=ramps_f, setup=setup, optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h], P_c=P_c)
             if setup.local_searches:
                 i = int(b[0])
                 idx, lp = local_subset(sampling, meta.rot[i], meta.tilt[i], meta.psi[i], sigma_rot=setup.sigma_ang,

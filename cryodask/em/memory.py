@@ -65,8 +65,9 @@ _COARSE_BYTES_PER_SAMPLE = 4 + 4 + 3
 _FINE_BYTES_PER_SAMPLE = 4 + 3 + 4 + 4 + 2
 #: what a posterior keeps: weights (float32) and the significance mask
 _POSTERIOR_BYTES_PER_SAMPLE = 5
-#: M-step sums (mstep_sums): complex64 copies of the selected shifted images alive at its peak (measured)
-_MSTEP_COPIES = 1.5
+#: M-step sums (mstep_sums): complex64 copies of the selected shifted images alive at its peak, beyond the
+#: unmasked and masked shifted images (measured; they exist per group of the fine pass, not per chunk)
+_MSTEP_COPIES = 0.25
 #: reconstruction working memory per accumulator voxel (symmetrised copy, masks, float64 weights,
 #: complex128 quotient, shells) and per padded-box voxel (padded FT, inverse FFT, shifted copy)
 _RECON_BYTES_PER_VOXEL = 60
@@ -300,7 +301,7 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     over_rot = (2 if ndim == 2 else 8) ** int(oversampling)
     over_trans = 4 ** int(oversampling)
     n_tf = n_tc * over_trans
-    kc, kf, ka = _pixels(box, coarse / 2.0), _pixels(box, cur / 2.0), _pixels(box, box / 2.0)
+    kc, kf = _pixels(box, coarse / 2.0), _pixels(box, cur / 2.0)
     half = box * (box // 2 + 1)
     v_bp, v_pad = _bp_voxels(box, pad, cur / 2.0, ndim)
     v_proj = _projector_voxels(box, pad, cur / 2.0, ndim)
@@ -317,10 +318,15 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     projections_f = rows_f * kf * 8
     ramps = (n_tc * kc + 2 * n_tf * kf) * 8  # + the float64 phase of the fine ramps
     build = _BUILD_BYTES_PER_PADDED_VOXEL * v_pad // (1 if ndim == 3 else 1)
-    sample_c = _sample_block(n_rc, kc)
-    sample_f = _sample_block(rows_f, kf)
     rows_ins = max(1, rows_f // n_scored)  # one class's orientations are inserted at a time
-    insert = _sample_block(rows_ins, kf) * _INSERT_BYTES_PER_PIXEL // _SAMPLE_BYTES_PER_PIXEL + rows_ins * half * 12  # full-size slices and weights
+    if ndim == 3:  # compiled gathers and scatters (cryodask.ops.kernels): no per-sample temporaries
+        sample_c = sample_f = 0
+        insert = rows_ins * kf * 24 + rows_ins * half * 12  # the slices' pixels, full-size slices and weights
+    else:
+        sample_c = _sample_block(n_rc, kc)
+        sample_f = _sample_block(rows_f, kf)
+        insert = (_sample_block(rows_ins, kf) * _INSERT_BYTES_PER_PIXEL // _SAMPLE_BYTES_PER_PIXEL
+                  + rows_ins * half * 12)
 
     # -- per particle of the chunk (bytes); `s` scales what one set (half) holds at once
     s = set_fraction
@@ -328,7 +334,7 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     prep = _PREP_BYTES_PER_PIXEL * box * box
     inputs = s * (kc * 16 + kf * 28)  # windowed images, CTF, 1/σ² for the coarse and fine size
     shifted_c = s * n_tc * kc * 8
-    shifted_f = s * n_tf * kf * 8
+    shifted_f = s * kf * 8  # the fine terms are lazy: unshifted until translations are selected
     shifted_sel = s * t_f * kf * 8  # fine terms restricted to the union's translations
     scores_c = s * n_scored * n_rc * n_tc
     scores_f = s * rows_f * t_f
@@ -341,7 +347,7 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
         "prepare": (accumulators, images + prep),
         "projector build": (held_fixed + build, images),
         "coarse projections": (held_fixed + projections_c + sample_c, images),
-        "shifted images": (held_fixed + projections_c + ramps, images + inputs + shifted_c + 2 * shifted_f),
+        "shifted images": (held_fixed + projections_c + ramps, images + inputs + 2 * shifted_c + shifted_f),
         "coarse scores": (held_fixed + projections_c + ramps,
                           images + inputs + shifted_c + shifted_f + gemm_c + scores_c * _COARSE_BYTES_PER_SAMPLE),
         "fine projections": (held_fixed + projections_c + ramps + sample_f,
@@ -370,7 +376,7 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
         "images (images, FTs, CTF)": int(chunk * images),
         "projectors": int(projectors),
         "projections (coarse grid + fine union)": int(projections_c + (projections_f if "fine" in name or "M-step" in name else 0)),
-        "shifted images": int(chunk * (shifted_c + shifted_f + (shifted_f if name == "shifted images" else 0))),
+        "shifted images": int(chunk * (shifted_c + shifted_f + (shifted_c if name == "shifted images" else 0))),
         "scores (N_i·N_r·N_t and posteriors)": int(chunk * (scores_c * _COARSE_BYTES_PER_SAMPLE if name != "fine scores"
                                                             else scores_c * 5 + scores_f * _FINE_BYTES_PER_SAMPLE)),
         "accumulators carried by the task": int(accumulators),

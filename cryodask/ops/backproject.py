@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cryodask import backend
+from cryodask.ops import kernels
 from cryodask.ops.project import (_CHUNK_ELEMENTS, _as_2d_rotations, _as_rotations, bilinear_corners, padded_size,
                                   slice_pixels, trilinear_corners)
 
@@ -151,6 +152,10 @@ class BackProjector:
         if weights is not None:
             w_all = xp.asarray(weights, dtype=rdtype)
             w_all = xp.broadcast_to(w_all, slices.shape).reshape(slices.shape[0], -1)
+        if xp is np and self.ndim == 3:
+            kernels.scatter(self.data, self.weight, vals_all[:, flat], None if w_all is None else w_all[:, flat],
+                            rot, kx, ky, self.pad, self.half_extent)
+            return
         step = max(1, _CHUNK_ELEMENTS // max(1, kx.shape[0]))
         for s in range(0, rot.shape[0], step):
             a = rot[s:s + step]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cryodask import backend
+from cryodask.ops import kernels
 from cryodask.ops.filters import fftw_frequencies, real_space_radius
 
 __all__ = ["Projector", "Projector2D", "grid_correct", "padded_size", "slice_pixels", "trilinear_corners",
@@ -232,6 +233,8 @@ class Projector:
         rot = _as_rotations(rotations, xp, rdtype)
         kx = xp.asarray(kx, dtype=rdtype)
         ky = xp.asarray(ky, dtype=rdtype)
+        if xp is np:
+            return kernels.gather(self.data, rot, kx, ky, self.pad, self.half_extent)
         out = xp.empty((rot.shape[0], kx.shape[0]), dtype=self.data.dtype)
         flat = self.data.reshape(-1)
         step = max(1, _CHUNK_ELEMENTS // max(1, kx.shape[0]))

@@ -46,7 +46,6 @@ def _images(session, particles):
 @pytest.mark.slow
 def test_chunk_map_is_stable_and_a_lost_workers_chunks_are_restaged(store, tmp_path):
     from cryodask.cluster.scratch import job_folder
-    from cryodask.io.store import open_particles
 
     particles = store
     want = np.concatenate([particles.read_chunk(i) for i in range(particles.n_chunks)])

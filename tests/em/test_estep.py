@@ -611,3 +611,22 @@ def test_grouped_fine_pass_gives_each_particle_the_same_posterior(rng):
     # one particle per group when grouping costs nothing extra, one group when a group is very expensive
     sig = whole.coarse.significant
     assert len(fine_groups(sig, projection_cost=0.0, group_cost=1e12)) == 1
+
+
+@pytest.mark.parametrize("mode", ["ml", "cc"])
+def test_lazy_terms_equal_the_precomputed_ones(rng, mode):
+    """lazy_scoring_terms shifts only the translations selected, with the scores of the precomputed terms."""
+    from cryodask.em.estep import lazy_scoring_terms, score_terms
+
+    p = make_problem(rng, n_i=5, n_t=9)
+    kw = dict(ctf=p["ctf"], inv_sigma2=1.0 / p["sigma2"], scale=p["scale"], mode=mode, double=True)
+    full = scoring_terms(precompute_shifted(p["X"], p["ramps"], double=True), n_trans=p["n_t"], **kw)
+    lazy = lazy_scoring_terms(p["X"], p["ramps"], **kw)
+    assert lazy.cross is None and lazy.n_trans == p["n_t"] and lazy.n_particles == 5
+    np.testing.assert_allclose(score_terms(lazy, p["P"]), score_terms(full, p["P"]), rtol=1e-12, atol=1e-9)
+    pick, rows = np.array([7, 2, 3]), np.array([4, 0])
+    a = lazy.select_particles(rows).select_translations(pick)
+    b = full.select_particles(rows).select_translations(pick)
+    assert a.cross is not None and a.n_trans == 3
+    np.testing.assert_allclose(a.cross, b.cross, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(score_terms(a, p["P"]), score_terms(b, p["P"]), rtol=1e-12, atol=1e-9)

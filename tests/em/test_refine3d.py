@@ -212,6 +212,7 @@ def test_norm_and_scale_recover_image_and_group_intensities(tmp_path, client):
     assert resolution_at(fsc(res.map, vol, mask=mask), 0.5, APIX) < 20.0
 
 
+@pytest.mark.timeout(300)  # a job not refused would wait on a paused worker
 def test_refused_before_starting_when_a_worker_cannot_hold_the_job(small, tmp_path):
     """The memory pre-flight: a worker limit too small for the job even with one particle per task is refused
     before anything is written, naming the fixes."""
@@ -220,7 +221,7 @@ def test_refused_before_starting_when_a_worker_cannot_hold_the_job(small, tmp_pa
     from cryodask.errors import UserError
 
     folder, _, _, paths = small
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit="40MB",
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit="12MB",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         with pytest.raises(UserError, match="[EM]-step of refine3d") as e:
             refine3d(paths["particles"], tmp_path / "run", folder / "ref.mrc", healpix_order=1, client=client,
