@@ -709,21 +709,58 @@ def initial_sigma2(power: np.ndarray, total: np.ndarray, count: np.ndarray, box:
 # half-set comparison
 
 
+def _relion_round(v: np.ndarray) -> np.ndarray:
+    """C's ROUND as RELION defines it: halves away from zero."""
+    return (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)
+
+
+def downsampled_average(bp: Any) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``data/weight`` binned to the original grid (RELION's ``getDownsampledAverage``).
+
+    Each padded voxel goes to the original-grid voxel its frequency rounds to; the data and the
+    weights of a bin are summed before dividing, so a voxel that got little weight does not count as
+    much as one that got a lot. Returns the average ``(2m+1, 2m+1, m+1)`` (z, y, x; y and z centred at
+    ``m``) and the integer frequencies ``(kz, ky, kx)`` of its axes.
+    """
+    h = bp.half_extent
+    nz, ny, nx = bp.weight.shape
+    kz = _relion_round((np.arange(nz) - h) / bp.pad)
+    ky = _relion_round((np.arange(ny) - h) / bp.pad)
+    kx = _relion_round(np.arange(nx) / bp.pad)
+    m = int(max(np.abs(kz).max(), np.abs(ky).max(), kx.max()))
+    n = 2 * m + 1
+    index = (((kz + m)[:, None, None] * n + (ky + m)[None, :, None]) * (m + 1) + kx[None, None, :]).reshape(-1)
+    size = n * n * (m + 1)
+    data = backend.to_numpy(bp.data).reshape(-1)
+    weight = np.bincount(index, weights=backend.to_numpy(bp.weight).reshape(-1).astype(np.float64), minlength=size)
+    real = np.bincount(index, weights=data.real.astype(np.float64), minlength=size)
+    imag = np.bincount(index, weights=data.imag.astype(np.float64), minlength=size)
+    avg = np.where(weight > 0, (real + 1j * imag) / np.where(weight > 0, weight, 1), 0)
+    axes = np.arange(-m, m + 1)
+    return avg.reshape(n, n, m + 1), (axes, axes, np.arange(m + 1))
+
+
 def fsc_of_accumulators(bp1: Any, bp2: Any) -> np.ndarray:
-    """Gold-standard FSC of two half-sets' unregularised averages ``data/weight`` (RELION's
-    ``compareTwoHalves``), per shell of the original box; FSC(0) = 1."""
+    """Gold-standard FSC of two half-sets' unregularised averages, per shell of the original box; FSC(0) = 1.
+
+    RELION's ``compareTwoHalves``: both accumulators binned to the original grid
+    (:func:`downsampled_average`), then the FSC over the voxels with ``|k| <= r_max``, shell
+    ``ROUND(|k|)``.
+    """
     a = bp1.symmetrised(None) if not bp1.is_symmetrised else bp1
     b = bp2.symmetrised(None) if not bp2.is_symmetrised else bp2
+    va, (kz, ky, kx) = downsampled_average(a)
+    vb, _ = downsampled_average(b)
     nsh = a.ori_size // 2 + 1
-    shell = np.floor(np.sqrt(a.radius2().astype(np.float64)) / a.pad + 0.5).astype(np.int64)
-    shell = np.broadcast_to(shell, a.weight.shape)
-    ok = (a.weight > 1e-20) & (b.weight > 1e-20) & (shell < nsh)
-    va = np.where(ok, a.data / np.where(ok, a.weight, 1), 0)
-    vb = np.where(ok, b.data / np.where(ok, b.weight, 1), 0)
-    s = shell[ok]
-    num = np.bincount(s, weights=(va[ok] * np.conj(vb[ok])).real, minlength=nsh)[:nsh]
-    d1 = np.bincount(s, weights=np.abs(va[ok]) ** 2, minlength=nsh)[:nsh]
-    d2 = np.bincount(s, weights=np.abs(vb[ok]) ** 2, minlength=nsh)[:nsh]
+    r = np.sqrt(kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    keep = r <= a.r_max
+    shell = _relion_round(r[keep])
+    ok = shell < nsh
+    shell = shell[ok]
+    za, zb = va[keep][ok], vb[keep][ok]
+    num = np.bincount(shell, weights=(za * np.conj(zb)).real, minlength=nsh)[:nsh]
+    d1 = np.bincount(shell, weights=np.abs(za) ** 2, minlength=nsh)[:nsh]
+    d2 = np.bincount(shell, weights=np.abs(zb) ** 2, minlength=nsh)[:nsh]
     den = np.sqrt(d1 * d2)
     fsc = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
     fsc[0] = 1.0
