@@ -434,7 +434,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         total_w = float(acc.class_weight.sum())
         model.class_fractions = acc.class_weight / total_w if total_w > 0 else np.full(K, 1.0 / K)
         npix_all = np.bincount(_all_shells(box), minlength=nsh)[:nsh].astype(np.float64)
-        for g in range(run.n_opt):
+        for g in range(run.n_opt if mode == "ml" else 0):  # RELION keeps σ² through a --firstiter_cc iteration
             nn = acc.n_particles[0, g]
             if nn <= 0:
                 continue

@@ -554,7 +554,8 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
                 out_pw = acc.power_sum[h, g] / (2.0 * nn * np.maximum(npix_all, 1))
                 new[g] = np.where(inside, acc.sigma2_sum[h, g] / np.maximum(2.0 * acc.pixel_count[h, g], 1e-30),
                                   out_pw)
-            m.sigma2_noise[:] = new
+            if mode == "ml":  # RELION keeps σ² through a --firstiter_cc iteration (its residuals are not ML ones)
+                m.sigma2_noise[:] = new
             if acc.weight_sum[h] > 0 and mode == "ml":
                 m.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[h] / (2.0 * acc.weight_sum[h]))))
             m.fsc[0] = fsc_now

@@ -142,9 +142,9 @@ def test_cli_refuses_bad_input_without_a_traceback(tmp_path, capsys):
 
 
 def test_firstiter_cc_scores_the_first_iteration_independently_of_the_reference_scale(tmp_path):
-    """--firstiter_cc: the first iteration's poses do not change when the reference is 50x too bright (the
-    cross-correlation is scale-free; RELION's reason for the option), its posteriors are one-hot, and from the
-    second iteration on the run is maximum likelihood again."""
+    """--firstiter_cc: the first iteration's poses and noise model do not change when the reference is 50x too
+    bright (the cross-correlation is scale-free; RELION's reason for the option), its posteriors are one-hot, and
+    from the second iteration on the run is maximum likelihood again."""
     from cryodask.cli import main
 
     _mixture(tmp_path, 120)
@@ -165,6 +165,10 @@ def test_firstiter_cc_scores_the_first_iteration_independently_of_the_reference_
     np.testing.assert_allclose(runs["cc_bright"][angles], runs["cc"][angles])
     assert np.abs(runs["ml_bright"][angles].to_numpy() - runs["cc"][angles].to_numpy()).max() > 1.0
     assert np.all(runs["cc"]["rlnMaxValueProbDistribution"] == 1.0)
+    # σ² stays the images' own estimate through the CC iteration (RELION), whatever the reference's scale
+    s2 = [read_star(tmp_path / n / "run_it001_model.star")["model_optics_group_1"]["rlnSigma2Noise"].to_numpy()
+          for n in ("cc", "cc_bright")]
+    np.testing.assert_array_equal(s2[0], s2[1])
     opt = read_star(tmp_path / "cc" / "run_it002_optimiser.star")["optimiser_general"]
     assert int(opt["rlnCryodaskFirstIterCc"]) == 1
     second = read_particles(tmp_path / "cc" / "run_it002_data.star").particles
