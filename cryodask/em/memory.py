@@ -53,12 +53,6 @@ JOBS = ("refine3d", "class3d", "class2d")
 
 #: bytes per image pixel of the transient of image preparation (float64 FFTs, mask, noise; measured 56-64)
 _PREP_BYTES_PER_PIXEL = 64
-#: bytes per sampled pixel of one Projector.sample/BackProjector.insert block (ξ, 8 corner indices
-#: (int64) and weights, gathered values); blocks hold at most ``_CHUNK_ELEMENTS`` pixels, and with
-#: several blocks the previous block's arrays are still alive while the next one is made (measured)
-_SAMPLE_BYTES_PER_PIXEL = 240
-_SAMPLE_BYTES_PER_PIXEL_MULTI = 340
-_INSERT_BYTES_PER_PIXEL = 285
 #: float32 score arrays alive at the posterior of the coarse pass (diff2, log-weights) + bool masks
 _COARSE_BYTES_PER_SAMPLE = 4 + 4 + 3
 #: fine pass: diff2, validity masks (repeat), posterior's masked copy and log-weights, masks
@@ -203,17 +197,6 @@ def _n_orientations(job: str, healpix_order: int, sym: str, psi_step: float | No
     return int(healpix_sampling(healpix_order, sym=sym, psi_step=psi_step).n_orientations)
 
 
-def _sample_block(rows: int, pixels: int) -> int:
-    """Bytes of the per-block temporaries of Projector.sample / BackProjector.insert."""
-    from cryodask.ops.project import _CHUNK_ELEMENTS
-
-    if rows <= 0 or pixels <= 0:
-        return 0
-    step = max(1, _CHUNK_ELEMENTS // pixels)
-    per = _SAMPLE_BYTES_PER_PIXEL if rows <= step else _SAMPLE_BYTES_PER_PIXEL_MULTI
-    return int(min(rows, step) * pixels * per)
-
-
 def _split_every() -> int:
     import inspect
 
@@ -319,14 +302,11 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     ramps = (n_tc * kc + 2 * n_tf * kf) * 8  # + the float64 phase of the fine ramps
     build = _BUILD_BYTES_PER_PADDED_VOXEL * v_pad // (1 if ndim == 3 else 1)
     rows_ins = max(1, rows_f // n_scored)  # one class's orientations are inserted at a time
-    if ndim == 3:  # compiled gathers and scatters (cryodask.ops.kernels): no per-sample temporaries
-        sample_c = sample_f = 0
-        insert = rows_ins * kf * 24 + rows_ins * half * 12  # the slices' pixels, full-size slices and weights
-    else:
-        sample_c = _sample_block(n_rc, kc)
-        sample_f = _sample_block(rows_f, kf)
-        insert = (_sample_block(rows_ins, kf) * _INSERT_BYTES_PER_PIXEL // _SAMPLE_BYTES_PER_PIXEL
-                  + rows_ins * half * 12)
+    # gathers and scatters are compiled loops (cryodask.ops.kernels) with no per-sample temporaries on the
+    # CPU; the projections they make are counted above. (CuPy's array expressions hold ~240 B per sampled
+    # pixel of a block on the GPU, which is not this host-memory estimate.)
+    sample_c = sample_f = 0
+    insert = rows_ins * kf * 24 + rows_ins * half * 12  # the slices' pixels, full-size slices and weights
 
     # -- per particle of the chunk (bytes); `s` scales what one set (half) holds at once
     s = set_fraction

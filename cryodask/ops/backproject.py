@@ -152,7 +152,7 @@ class BackProjector:
         if weights is not None:
             w_all = xp.asarray(weights, dtype=rdtype)
             w_all = xp.broadcast_to(w_all, slices.shape).reshape(slices.shape[0], -1)
-        if xp is np and self.ndim == 3:
+        if xp is np:
             kernels.scatter(self.data, self.weight, vals_all[:, flat], None if w_all is None else w_all[:, flat],
                             rot, kx, ky, self.pad, self.half_extent)
             return

@@ -422,6 +422,8 @@ class Projector2D:
         rot = _as_2d_rotations(rotations, xp, rdtype)
         kx = xp.asarray(kx, dtype=rdtype)
         ky = xp.asarray(ky, dtype=rdtype)
+        if xp is np:
+            return kernels.gather_2d(self.data, rot, kx, ky, self.pad, self.half_extent)
         n_ref = self.data.shape[0]
         out = xp.empty((n_ref, rot.shape[0], kx.shape[0]), dtype=self.data.dtype)
         flat = self.data.reshape(n_ref, -1)

@@ -76,3 +76,41 @@ def test_kernels_take_float64_rotations_and_no_weights():
     assert weight.sum() == pytest.approx(1.0) and data.sum() == pytest.approx(1.0)
     out = kernels.gather(data, rot, np.array([0.5]), np.array([0.0]), 1.0, 3)
     assert out[0, 0] == pytest.approx(0.5)
+
+
+def test_2d_gather_and_scatter_equal_the_array_expressions():
+    from cryodask.ops.project import Projector2D, bilinear_corners, in_plane_rotations
+
+    rng = np.random.default_rng(7)
+    box = 20
+    proj = Projector2D.from_images(rng.normal(size=(3, box, box)), pad=2)
+    psi = rng.uniform(-180, 180, 17)
+    rot = in_plane_rotations(psi, np, np.float32)
+    flat, kx, ky = slice_pixels(box, box / 2)
+    xi = proj.pad * (kx.astype(np.float32)[None, :, None] * rot[:, None, 0, :]
+                     + ky.astype(np.float32)[None, :, None] * rot[:, None, 1, :])
+    index, weight, negative = bilinear_corners(xi, proj.half_extent, proj.data.shape[1:])
+    want = (proj.data.reshape(3, -1)[:, index] * weight).sum(axis=-1)
+    want = np.where(negative, np.conj(want), want)
+    got = proj.sample(psi, kx, ky)
+    assert got.shape == (3, 17, len(kx)) and negative.any()
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    # insertion into 2D accumulators
+    bp = BackProjector.zeros(box, pad=2, ndim=2)
+    flat, kx, ky = slice_pixels(box, box / 2, skip_redundant=True)
+    vals = (rng.normal(size=(17, len(flat))) + 1j * rng.normal(size=(17, len(flat)))).astype(np.complex64)
+    w = rng.uniform(-0.2, 1.0, size=(17, len(flat))).astype(np.float32)
+    slices = np.zeros((17, box * (box // 2 + 1)), np.complex64)
+    weights = np.zeros((17, box * (box // 2 + 1)), np.float32)
+    slices[:, flat], weights[:, flat] = vals, w
+    bp.insert(slices.reshape(17, box, -1), psi, weights=weights.reshape(17, box, -1))
+    xi = bp.pad * (kx.astype(np.float32)[None, :, None] * rot[:, None, 0, :]
+                   + ky.astype(np.float32)[None, :, None] * rot[:, None, 1, :])
+    index, tri, negative = bilinear_corners(xi, bp.half_extent, bp.data.shape)
+    keep = w > 0
+    data = np.zeros_like(bp.data)
+    wsum = np.zeros_like(bp.weight)
+    backend.scatter_add(data, index, (np.where(negative, np.conj(vals), vals) * keep)[..., None] * tri)
+    backend.scatter_add(wsum, index, (w * keep)[..., None] * tri)
+    assert np.abs(bp.data - data).max() <= 1e-5 * np.abs(data).max()
+    assert np.abs(bp.weight - wsum).max() <= 1e-5 * wsum.max()
