@@ -174,7 +174,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         whose grey scale differs from the images' does not bias the first assignments.
     norm, scale
         RELION's ``--norm`` (a normalisation correction per particle) and ``--scale`` (an intensity
-        scale per optics group); not with ``skip_align``, where they stay as read.
+        scale per optics group), with or without ``skip_align``.
     continue_from
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
         shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
@@ -368,7 +368,9 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 class_fractions=list(model.class_fractions), particle_diameter=st.particle_diameter,
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, random_classes=random_classes,
-                subtract_path=None if st.subtract_map in ("", "None") else st.subtract_map)
+                subtract_path=None if st.subtract_map in ("", "None") else st.subtract_map,
+                do_norm=st.do_norm_correction, avg_norm=float(model.avg_norm),
+                scale=model.scale if st.do_scale_correction else None)
             task, name = skip_align_chunk, "class3d-skipalign"
         else:
             setup = IterationSetup(
@@ -425,7 +427,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
         nsig = np.zeros(run.n, np.int64)
         nsig[idx] = np.concatenate([r.n_significant for r in pp])
         p["rlnNrOfSignificantSamples"] = nsig
-        ml = mode == "ml" and not st.do_skip_align
+        ml = mode == "ml"
         avg_norm = update_norm_column(p, pp, idx, st.do_norm_correction and ml)
         if avg_norm is not None:
             model.avg_norm = avg_norm
@@ -442,7 +444,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
             model.sigma2_noise[g] = np.where(
                 inside, acc.sigma2_sum[0, g] / np.maximum(2.0 * acc.pixel_count[0, g], 1e-30),
                 acc.power_sum[0, g] / (2.0 * nn * np.maximum(npix_all, 1)))
-        if acc.weight_sum[0] > 0 and ml:
+        if acc.weight_sum[0] > 0 and ml and not st.do_skip_align:
             model.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[0] / (2.0 * acc.weight_sum[0]))))
         for k in range(K):
             model.tau2[k] = tau2[k]

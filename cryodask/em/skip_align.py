@@ -13,7 +13,9 @@ origin); only its class is a hidden variable. One chunk task (:func:`skip_align_
    ``diff2_ik = Σ_k |X_i − CTF_i·P_ik|² / (2σ²)`` within the current image size; the class
    posterior is ``π_k exp(−diff2_ik)`` normalised (π = the class fractions);
 4. inserts each particle into every class's back-projector with its class weight
-   (``w·CTF·X/σ²``, ``w·CTF²/σ²``) and adds the σ² sums per optics group.
+   (``w·CTF·X/σ²``, ``w·CTF²/σ²``) and adds the σ² sums per optics group; with ``--norm`` and
+   ``--scale`` (as in the aligned E-step) the images are first multiplied by avg_norm/norm, the
+   references by the group's scale, and the sums for their updates are returned too.
 
 The result is the aligned E-step's :class:`~cryodask.em.iteration.ChunkResult`, so the
 class3d driver combines (tree-reduces), reconstructs and updates the model the same way.
@@ -49,6 +51,9 @@ class SkipAlignSetup:
     random_seed: int = 0
     random_classes: bool = False  # first iteration from one reference: each particle to one random class
     subtract_path: str | None = None  # map whose projection is subtracted from every image (focus mask)
+    do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
+    avg_norm: float = 1.0  # rlnNormCorrectionAverage
+    scale: np.ndarray | None = None  # --scale: (n_optics,) intensity scale applied to the references
 
 
 def class_posteriors(diff2: np.ndarray, class_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +82,9 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
 
     images = np.asarray(images, dtype=np.float32)
     n = len(images)
+    norm_in = np.ones(n) if meta.norm is None else np.asarray(meta.norm, np.float64)
+    if setup.do_norm:  # RELION's first step of image preparation, as in the aligned E-step
+        images = images * (setup.avg_norm / norm_in).astype(np.float32)[:, None, None]
     box = setup.box
     nsh = box // 2 + 1
     K = len(setup.reference_paths)
@@ -86,6 +94,8 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
     flat_a, kx_a, ky_a, sh_a = pixel_shells(box, box / 2.0)
     mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3).astype(np.float32)
     ctf = _ctf(meta, np.arange(n), box, setup.pixel_size, setup.do_ctf).reshape(n, -1)
+    if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
+        ctf = ctf * np.asarray(setup.scale, np.float64)[meta.optics][:, None].astype(ctf.dtype)
     rng = iteration_rng(setup.random_seed, setup.iteration, 1 + int(meta.index[0]) if n else 1)
     prep = dict(pixel_size=setup.pixel_size, particle_diameter=setup.particle_diameter,
                 width_mask_edge=setup.width_mask_edge, zero_mask=setup.zero_mask, rng=rng)
@@ -129,11 +139,14 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
         bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(K)],
         sigma2_sum=np.zeros((1, n_opt, nsh)), power_sum=np.zeros((1, n_opt, nsh)),
         pixel_count=np.zeros((1, n_opt, nsh)), n_particles=np.zeros((1, n_opt)), sigma2_offset=np.zeros(1),
-        weight_sum=np.zeros(1), acc_rot=np.zeros(2), acc_trans=np.zeros(2), class_weight=np.zeros(K))
+        weight_sum=np.zeros(1), acc_rot=np.zeros(2), acc_trans=np.zeros(2), class_weight=np.zeros(K),
+        signal_product=np.zeros((1, n_opt, nsh)), reference_power=np.zeros((1, n_opt, nsh)))
     npix = box * (box // 2 + 1)
     n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
     pw = np.abs(M[:, flat_a]) ** 2
     resid = np.zeros((n, len(flat_f)))
+    xa = np.zeros((n, len(flat_f)))  # --scale: Σ_k w ⟨X, s·CTF·P_k⟩ and Σ_k w |s·CTF·P_k|² per pixel
+    aa = np.zeros((n, len(flat_f)))
     for k in range(K):
         wk = w[:, k]
         use = np.flatnonzero(wk > 1e-10)
@@ -145,6 +158,8 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
             acc.bp[k].insert(slices.reshape(len(use), box, box // 2 + 1), mats[use],
                              weights=weights.reshape(len(use), box, box // 2 + 1))
         resid += wk[:, None] * np.abs(Xm - A[k]) ** 2
+        xa += wk[:, None] * (Xm.real * A[k].real + Xm.imag * A[k].imag)
+        aa += wk[:, None] * np.abs(A[k]) ** 2
         acc.class_weight[k] += float(wk.sum())
     for o in range(n_opt):
         so = meta.optics == o
@@ -154,10 +169,19 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
         acc.power_sum[0, o] += np.bincount(sh_a, weights=pw[so].sum(axis=0), minlength=nsh)[:nsh]
         acc.n_particles[0, o] += so.sum()
         acc.pixel_count[0, o] += n_per_shell_f * so.sum()
+        acc.signal_product[0, o] += np.bincount(sh_f, weights=xa[so].sum(axis=0), minlength=nsh)[:nsh]
+        acc.reference_power[0, o] += np.bincount(sh_f, weights=aa[so].sum(axis=0), minlength=nsh)[:nsh]
     acc.weight_sum[0] += float(w.sum())
+    norm_out = norm_in
+    if setup.do_norm:
+        from cryodask.em.mstep import norm_correction
+
+        beyond = np.setdiff1d(flat_a, flat_f)  # power beyond the scoring window, to Nyquist
+        highres = (np.abs(M[:, beyond]) ** 2).sum(axis=1, dtype=np.float64)
+        norm_out = norm_correction(norm_in, setup.avg_norm, resid.sum(axis=1), highres)
     best = np.argmax(w, axis=1)
     return ChunkResult(acc=acc, index=meta.index, rot=np.asarray(meta.rot, np.float64).copy(),
                        tilt=np.asarray(meta.tilt, np.float64).copy(), psi=np.asarray(meta.psi, np.float64).copy(),
                        origins_px=np.asarray(meta.origins_px, np.float64).copy(), pmax=w[np.arange(n), best],
                        n_significant=(w > 1e-3).sum(axis=1).astype(np.int64), log_likelihood=log_ev,
-                       failed=np.zeros(n, bool), class_number=best + 1)
+                       failed=np.zeros(n, bool), class_number=best + 1, norm=norm_out)

@@ -106,17 +106,44 @@ def test_chunk_scores_the_true_class_at_the_true_pose(tmp_path):
     assert 0.9 < ratio < 1.1, ratio
 
 
+def test_chunk_norm_and_scale_without_alignment(tmp_path):
+    """--norm and --scale with --skip_align: a particle twice as bright gets twice the rlnNormCorrection, and the
+    scale sums of an optics group whose images are at 0.6 of the references' level measure 0.6."""
+    from cryodask.em.iteration import initial_noise_chunk, initial_sigma2
+
+    a, b, sim = _consensus_dataset(tmp_path, 80)
+    write_map(tmp_path / "a.mrc", a, APIX)
+    write_map(tmp_path / "b.mrc", b, APIX)
+    images, meta = _chunk(tmp_path, sim, 80)
+    level = np.where(np.arange(80) % 2 == 0, 2.0, 1.0)
+    p, t, c = initial_noise_chunk(images, meta, pixel_size=APIX, particle_diameter=0.8 * BOX * APIX,
+                                  width_mask_edge=5, zero_mask=True)
+    common = dict(iteration=2, box=BOX, pixel_size=APIX, pad=2, current_size=BOX,
+                  sigma2_noise=initial_sigma2(p, t, c, BOX), class_fractions=[0.5, 0.5],
+                  reference_paths=[str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc")],
+                  particle_diameter=0.8 * BOX * APIX, zero_mask=True)
+    r = skip_align_chunk(images * level[:, None, None], meta, SkipAlignSetup(do_norm=True, **common))
+    ratio = np.median(r.norm[level == 2]) / np.median(r.norm[level == 1])
+    assert 1.8 <= ratio <= 2.2, ratio
+    g1 = meta.optics == 1
+    dim = np.where(g1, 0.6, 1.0)
+    r = skip_align_chunk(images * dim[:, None, None], meta, SkipAlignSetup(scale=np.ones(2), **common))
+    xa, aa = r.acc.signal_product[0][:, 1:8].sum(axis=1), r.acc.reference_power[0][:, 1:8].sum(axis=1)
+    assert xa[0] / aa[0] == pytest.approx(1.0, abs=0.1) and xa[1] / aa[1] == pytest.approx(0.6, abs=0.1)
+    np.testing.assert_array_equal(r.norm, np.ones(80))  # without --norm the values stay as read
+
+
 @pytest.fixture(scope="module")
 def focused(tmp_path_factory):
-    """K=2, --skip_align at the consensus poses with a mask around the difference (6 iterations); and the same
-    run stopped after iteration 2 and continued."""
+    """K=2, --skip_align at the consensus poses with a mask around the difference (6 iterations, --norm and
+    --scale on); and the same run stopped after iteration 2 and continued."""
     from cryodask.cluster.local import local_client
     from cryodask.em.class3d import class3d
 
     folder = tmp_path_factory.mktemp("focused")
     a, b, sim = _consensus_dataset(folder, 300)
     kw = dict(K=2, ini_high=30.0, particle_diameter=0.8 * BOX * APIX, ctf=True, zero_mask=True, skip_align=True,
-              solvent_mask=folder / "mask.mrc", random_seed=3, pool=100, log=None)
+              solvent_mask=folder / "mask.mrc", random_seed=3, pool=100, norm=True, scale=True, log=None)
     with local_client(2) as client:
         res = class3d(folder / "consensus.star", folder / "run", folder / "consensus.mrc", iter=6, client=client,
                       **kw)
@@ -155,6 +182,9 @@ def test_focused_continue_gives_the_same_maps(focused):
     for m_full, m_cont in zip(res.maps, cont.maps, strict=True):
         assert np.abs(m_full - m_cont).max() <= 1e-5 * np.abs(m_full).max()
     assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), res.data["rlnClassNumber"].to_numpy())
+    # --norm and --scale without alignment: updated, and carried through --continue
+    np.testing.assert_allclose(cont.data["rlnNormCorrection"], res.data["rlnNormCorrection"], rtol=1e-6)
+    assert res.data["rlnNormCorrection"].std() > 0.01
 
 
 @pytest.mark.slow
