@@ -58,7 +58,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--firstiter_cc", action="store_true", help="cross-correlation in the first iteration")
     g.add_argument("--iter", type=int, default=None, help="iterations (default 25)")
     g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
-    g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
+    g.add_argument("--scale", action="store_true",
+                   help="intensity scale per group: rlnGroupName, else micrograph (RELION's GUI: on)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g = parser.add_argument_group("computation")
     g.add_argument("--pool", type=int, default=None, help="particles per task when --i is a STAR file")

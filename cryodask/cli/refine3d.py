@@ -56,7 +56,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--maxsig", type=int, default=-1,
                    help="at most this many significant coarse samples per particle (default -1: no cap)")
     g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
-    g.add_argument("--scale", action="store_true", help="intensity scale per optics group (RELION's GUI: on)")
+    g.add_argument("--scale", action="store_true",
+                   help="intensity scale per group: rlnGroupName, else micrograph (RELION's GUI: on)")
     g.add_argument("--random_seed", type=int, default=0, help="random seed (same seed, same result)")
     g.add_argument("--skip_gridding", action="store_true", default=True, help="divide by the weight (default)")
     g.add_argument("--dont_skip_gridding", action="store_true", help="RELION 3.1's iterative gridding weights")

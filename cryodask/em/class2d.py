@@ -144,7 +144,7 @@ class Class2DSetup:
     adaptive_fraction: float = 0.999
     do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
     avg_norm: float = 1.0
-    scale: np.ndarray | None = None  # --scale: (n_optics,) intensity scale applied to the references
+    scale: np.ndarray | None = None  # --scale: (n_groups,) intensity scale applied to the references
 
 
 @dataclass
@@ -160,6 +160,7 @@ class ChunkInput:
     premultiplied: np.ndarray | None = None
     seed_class: np.ndarray | None = None  # (n,) 0-based, first iteration only
     norm: np.ndarray | None = None  # (n,) rlnNormCorrection (None: 1)
+    group: np.ndarray | None = None  # (n,) 0-based scale group (rlnGroupNumber − 1; None: the optics group)
 
 
 @dataclass
@@ -175,7 +176,7 @@ class Class2DSums:
     sigma2_offset: float  # Σ w |old + t − prior|² (Å²)
     log_likelihood: float
     pmax_sum: float
-    # --scale: (n_optics, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell
+    # --scale: (n_groups, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
     signal_product: np.ndarray | None = None
     reference_power: np.ndarray | None = None
 
@@ -444,7 +445,7 @@ def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
 
 def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray, n_optics: int,
                        seed_class: np.ndarray | None, old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
-                       bps: list[Any], acc: dict[str, Any]) -> dict[str, np.ndarray]:
+                       bps: list[Any], acc: dict[str, Any], group: np.ndarray) -> dict[str, np.ndarray]:
     """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
     from cryodask.em.estep import mstep_sums, precompute_shifted
 
@@ -476,6 +477,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     flat, shell = px["flat"], px["shell"]
     wdiff2 = np.zeros(len(ft))  # --norm: Σ_φ w Σ_k |X − A|² per particle
     half_shape = (box, box // 2 + 1)
+    batch_groups, local_group = np.unique(group, return_inverse=True)  # the batch's scale groups
     for k in range(K):
         if seeds:
             w, sig, Pk, psi_k = s["blocks"][0]
@@ -487,7 +489,8 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         if w.shape[1] == 0 or not bool((w * sig).any()):
             continue
         sums = mstep_sums(w, Xu_s, Pk, ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s,
-                          significant=sig, group=optics, n_groups=n_optics, offset_diff2=d2[:, k, :])
+                          significant=sig, group=optics, n_groups=n_optics, scale_group=local_group,
+                          n_scale_groups=len(batch_groups), offset_diff2=d2[:, k, :])
         m = len(sums.orientations)
         slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
         weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
@@ -498,10 +501,12 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         for g in range(n_optics):
             acc["sigma2_sum"][g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
                                                 minlength=nsh)[:nsh]
-            acc["signal_product"][g] += np.bincount(shell, weights=sums.signal_product[g].astype(np.float64),
-                                                    minlength=nsh)[:nsh]
-            acc["reference_power"][g] += np.bincount(shell, weights=sums.reference_power[g].astype(np.float64),
-                                                     minlength=nsh)[:nsh]
+        if acc["signal_product"] is not None:
+            for j, gid in enumerate(batch_groups):
+                acc["signal_product"][gid] += np.bincount(shell, weights=sums.signal_product[j].astype(np.float64),
+                                                          minlength=nsh)[:nsh]
+                acc["reference_power"][gid] += np.bincount(
+                    shell, weights=sums.reference_power[j].astype(np.float64), minlength=nsh)[:nsh]
         wdiff2 += np.asarray(sums.wdiff2, np.float64)
         acc["class_weight"][k] += sums.class_weight
         tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
@@ -538,14 +543,15 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
                              particle_diameter=setup.particle_diameter, width_mask_edge=setup.width_mask_edge,
                              zero_mask=setup.zero_mask, rng=rng)
     ctf_full = _ctf_of(inp, box, apix, setup.do_ctf)
+    group = inp.optics if inp.group is None else np.asarray(inp.group, np.int64)
     if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
-        ctf_full = ctf_full * np.asarray(setup.scale, np.float32)[inp.optics][:, None, None]
+        ctf_full = ctf_full * np.asarray(setup.scale, np.float32)[group][:, None, None]
     old = np.asarray(inp.origins_px, np.float64)
     bps = [BackProjector.zeros(box, pad=setup.pad, r_max=r_max, ndim=2) for _ in range(K)]
     acc: dict[str, Any] = dict(sigma2_sum=np.zeros((inp.n_optics, nsh)), class_weight=np.zeros(K),
                                offset_sum=np.zeros((K, 2)), sigma2_offset=0.0,
-                               signal_product=np.zeros((inp.n_optics, nsh)),
-                               reference_power=np.zeros((inp.n_optics, nsh)))
+                               signal_product=None if setup.scale is None else np.zeros((len(setup.scale), nsh)),
+                               reference_power=None if setup.scale is None else np.zeros((len(setup.scale), nsh)))
     nb = batch_size(n_translations(setup.offset_range, setup.offset_step, setup.oversampling),
                     len(slice_pixels(box, r_max)[0]))
     parts = []
@@ -553,7 +559,7 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
         sl = slice(b0, min(n, b0 + nb))
         parts.append(_expectation_batch(ft[sl], mft[sl], ctf_full[sl], inp.optics[sl], inp.n_optics,
                                         None if inp.seed_class is None else inp.seed_class[sl], old[sl],
-                                        inp.index[sl], setup, bps, acc))
+                                        inp.index[sl], setup, bps, acc, group[sl]))
     res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     wdiff2, window_power = res.pop("wdiff2"), res.pop("window_power")
 
@@ -702,7 +708,8 @@ def class2d(particles: Any, o: str | Path, *,
         Particles per chunk task when ``particles`` is a STAR file (default: the store's chunking).
     norm, scale
         RELION's ``--norm`` (a normalisation correction per particle, ``rlnNormCorrection``) and
-        ``--scale`` (an intensity scale per optics group); RELION's GUI turns both on.
+        ``--scale`` (an intensity scale per group: rlnGroupName, else micrograph); RELION's GUI turns
+        both on.
     use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
         Where and how the job runs, as on the command line (the execution options,
         :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
@@ -788,10 +795,13 @@ class _Run:
                                   log=log, quiet=opts.get("quiet", False))
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
-        from cryodask.em.iteration import optics_tables
+        from cryodask.em.iteration import optics_tables, scale_groups
 
         self.optics, self.parts, self.optics_index = optics_tables(particles.table)
         self.n_opt = len(self.optics)
+        # RELION's groups for the intensity scale (per micrograph unless rlnGroupName says otherwise)
+        self.group_index, self.group_names = scale_groups(self.parts)
+        self.parts["rlnGroupNumber"] = self.group_index + 1
         self.n = len(self.parts)
         self.K = opts["K"]
         if opts["particle_diameter"] <= 0:
@@ -801,7 +811,7 @@ class _Run:
         names = [str(s) for s in self.optics.get("rlnOpticsGroupName", [f"opticsGroup{g}" for g in self.optics["rlnOpticsGroup"]])]
         self.model = Model(ori_size=self.box, pixel_size=self.apix, n_classes=self.K, n_optics_groups=self.n_opt,
                            pad=opts["pad"], tau2_fudge=opts["tau2_fudge"], optics_group_names=names,
-                           current_size=self.box, sigma_offset=10.0)
+                           group_names=list(self.group_names), current_size=self.box, sigma_offset=10.0)
         st = OptimiserState(output_root=opts["o"], n_iterations=opts["iter"], random_seed=opts["random_seed"],
                             do_split_random_halves=False, adaptive_oversampling=opts["oversampling"],
                             adaptive_fraction=opts["adaptive_fraction"], particle_diameter=opts["particle_diameter"],
@@ -839,7 +849,7 @@ class _Run:
         return ChunkInput(chunk=i, index=np.arange(sl.start, sl.stop), origins_px=origins,
                           optics=self.optics_index[sl], n_optics=self.n_opt, ctf=ctf, premultiplied=pre,
                           seed_class=None if seed_class is None else seed_class[sl],
-                          norm=_column(p, "rlnNormCorrection", 1.0))
+                          norm=_column(p, "rlnNormCorrection", 1.0), group=self.group_index[sl])
 
     def _chunks(self) -> list[Any]:
         return self.session.chunk_futures(self.particles)
@@ -907,9 +917,11 @@ class _Run:
         if not np.any(m.sigma2_noise):  # read_model also reads RELION 3.1's data_model_group_N
             raise UserError(model_path, "has no noise spectrum (rlnSigma2Noise in data_model_optics_group_N or "
                                         "data_model_group_N); continue a class2d run")
+        from cryodask.em.refine3d import match_scale_groups
+
         m.tau2_fudge = self.o["tau2_fudge"]
         m.pad = self.o["pad"]
-        self.model = m
+        self.model = match_scale_groups(m, self.group_names)
         st.output_root, st.n_iterations = self.o["o"], self.o["iter"]
         self.state = st
         self.parts = t.particles.reset_index(drop=True)
@@ -1039,7 +1051,7 @@ class _Run:
         m.current_resolution = float(self.box * self.apix / best)
         m.log_likelihood = float(sums.log_likelihood)
         m.ave_pmax = float(sums.pmax_sum / n)
-        m.group_nr_particles = np.bincount(self.optics_index, minlength=m.n_groups)[:m.n_groups]
+        m.group_nr_particles = np.bincount(self.group_index, minlength=m.n_groups)[:m.n_groups]
         if o["scale"] and sums.signal_product is not None:
             from cryodask.em.mstep import scale_correction
 

@@ -174,7 +174,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         whose grey scale differs from the images' does not bias the first assignments.
     norm, scale
         RELION's ``--norm`` (a normalisation correction per particle) and ``--scale`` (an intensity
-        scale per optics group), with or without ``skip_align``.
+        scale per group: rlnGroupName, else micrograph), with or without ``skip_align``.
     continue_from
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
         shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
@@ -303,7 +303,8 @@ def _classify(session, opts, log) -> Class3DResult:
     run.parts = run.parts.drop(columns=[c for c in ("rlnRandomSubset",) if c in run.parts.columns])
     model = Model(ori_size=box, pixel_size=apix, n_classes=K, n_optics_groups=run.n_opt,
                   pad=float(opts["pad"] or 2), tau2_fudge=float(opts["tau2_fudge"] or 4.0),
-                  optics_group_names=[str(s) for s in run.optics["rlnOpticsGroupName"]])
+                  optics_group_names=[str(s) for s in run.optics["rlnOpticsGroupName"]],
+                  group_names=list(run.group_names))
     model.sigma2_noise[:] = _initial_sigma2(run)
     model.current_resolution = st.ini_high if st.ini_high > 0 else 4 * apix
     if st.do_skip_align and mask is not None:
@@ -457,7 +458,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                                          for k in range(K)]
         model.ave_pmax = float(p["rlnMaxValueProbDistribution"].mean())
         model.log_likelihood = float(p["rlnLogLikeliContribution"].sum())
-        model.group_nr_particles = np.bincount(run.optics_index, minlength=run.n_opt)
+        model.group_nr_particles = np.bincount(run.group_index, minlength=len(run.group_names))
         if st.do_scale_correction and ml and acc.signal_product is not None:
             ssnr = (model.class_fractions[:, None] * model.data_vs_prior).sum(axis=0)  # by the classes' share
             model.scale = scale_correction(model.scale, acc.signal_product[0], acc.reference_power[0], ssnr,
@@ -548,7 +549,9 @@ def _load_iteration(run, optimiser: str | Path):
     if len(names) != 1 or st.do_split_random_halves:
         raise UserError(optimiser, "is not from a 3D classification (it names half-set models); continue a "
                                    "class3d run")
-    model = read_model(resolve_file(names[0], optimiser))
+    from cryodask.em.refine3d import match_scale_groups
+
+    model = match_scale_groups(read_model(resolve_file(names[0], optimiser)), run.group_names)
     if model.ori_size != run.box:
         raise UserError(optimiser, f"is from {model.ori_size} px particles but --i has {run.box} px; continue with "
                                    "the same particles")

@@ -833,8 +833,8 @@ def _segment_sum(values: Array, pid: Array, n: int) -> Array:
 
 def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: Any, n_trans: int,
                scale: Any = 1.0, X_shifted_masked: Any = None, significant: Any = None,
-               group: Any = None, n_groups: int = 1, offset_diff2: Any = None,
-               double: bool = False) -> MStepSums:
+               group: Any = None, n_groups: int = 1, scale_group: Any = None, n_scale_groups: int | None = None,
+               offset_diff2: Any = None, double: bool = False) -> MStepSums:
     """Weighted sums of one chunk for one class (RELION's ``storeWeightedSums``), as GEMMs.
 
     Parameters
@@ -854,7 +854,10 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     significant : (N_i, N_r, N_t) bool, optional
         Only these samples are accumulated (RELION: ``w ≥ significant_weight``).
     group, n_groups
-        Group index (N_i,) of each particle for the per-group noise and scale sums (all 0 by default).
+        Group index (N_i,) of each particle for the per-group noise sums (all 0 by default).
+    scale_group, n_scale_groups
+        Group index (N_i,) for the scale sums (``signal_product``, ``reference_power``; RELION's
+        ``rlnGroupNumber``); by default ``group``.
     offset_diff2 : (N_i, N_t), optional
         :func:`offset_prior_diff2` (Å²), for the σ²_offset sum.
 
@@ -916,11 +919,16 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     else:
         g = xp.asarray(group, dtype=np.int64)
         onehot = (g[None, :] == xp.arange(n_groups)[:, None]).astype(rdt)
+    if scale_group is None:
+        onehot_s = onehot
+    else:
+        gs = xp.asarray(scale_group, dtype=np.int64)
+        onehot_s = (gs[None, :] == xp.arange(int(n_scale_groups))[:, None]).astype(rdt)
     sig_off = 0.0
     if offset_diff2 is not None:
         sig_off = float((trans_w.astype(np.float64) * xp.asarray(offset_diff2, dtype=np.float64)).sum())
     return MStepSums(orientations=act, data=data, weight=weight, sigma2_noise=onehot @ wd,
-                     signal_product=onehot @ XA, reference_power=onehot @ AA,
+                     signal_product=onehot_s @ XA, reference_power=onehot_s @ AA,
                      wdiff2=wd.sum(axis=1, dtype=np.float64), sum_weight=sum_weight,
                      orientation_weight=orient_w, translation_weight=trans_w,
                      group_weight=onehot.astype(np.float64) @ sum_weight,

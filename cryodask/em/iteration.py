@@ -34,7 +34,7 @@ import numpy as np
 
 from cryodask import backend
 
-__all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk",
+__all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk", "scale_groups",
            "load_projector", "sum_accumulators", "pixel_shells", "prepare_images", "fsc_of_accumulators",
            "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between", "sampling_points"]
 
@@ -80,7 +80,7 @@ class IterationSetup:
     maxsig: int = -1  # RELION's --maxsig: at most this many significant coarse samples per particle (-1: no cap)
     do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
     avg_norm: float = 1.0  # rlnNormCorrectionAverage
-    scale: np.ndarray | None = None  # --scale: (n_halves, n_optics) intensity scale applied to the references
+    scale: np.ndarray | None = None  # --scale: (n_halves, n_groups) intensity scale applied to the references
 
 
 @dataclass
@@ -98,6 +98,7 @@ class ChunkMeta:
     premultiplied: np.ndarray | None
     n_optics: int = 1
     norm: np.ndarray | None = None  # (n,) rlnNormCorrection (None: 1)
+    group: np.ndarray | None = None  # (n,) 0-based scale group (rlnGroupNumber − 1; None: the optics group)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Accumulators:
     acc_rot: np.ndarray  # (2,) Σ accuracy, count
     acc_trans: np.ndarray  # (2,)
     class_weight: np.ndarray  # (n_references,) Σ w per reference
-    # --scale: (n_halves, n_optics, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
+    # --scale: (n_halves, n_groups, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
     signal_product: np.ndarray | None = None
     reference_power: np.ndarray | None = None
 
@@ -161,6 +162,25 @@ def optics_tables(table: Any) -> tuple[Any, Any, np.ndarray]:
     lookup = {int(g): i for i, g in enumerate(optics["rlnOpticsGroup"].to_numpy())}
     index = np.array([lookup.get(int(g), 0) for g in parts["rlnOpticsGroup"]], np.int64)
     return optics, parts, index
+
+
+def scale_groups(particles: Any) -> tuple[np.ndarray, list[str]]:
+    """RELION 3.1's groups of the intensity scale: (0-based group per particle, group names).
+
+    A group is a ``rlnGroupName`` when the particles have one, else a micrograph
+    (``rlnMicrographName``), else all particles are one group; groups are numbered in the order
+    they first appear (RELION sets ``rlnGroupNumber`` so on reading and ignores the column in
+    the file).
+    """
+    for label in ("rlnGroupName", "rlnMicrographName"):
+        if label in particles.columns:
+            names = particles[label].astype(str).to_numpy()
+            uniq, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+            order = np.argsort(first, kind="stable")  # first appearance
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            return rank[inverse].astype(np.int64), [str(x) for x in uniq[order]]
+    return np.zeros(len(particles), np.int64), ["group"]
 
 
 def sum_accumulators(*parts: Any) -> Accumulators:
@@ -348,7 +368,7 @@ class _FineCache:
 
 def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampling, coarse_index, log_prior_orient,
                  kx_c, ky_c, kx_f, ky_f, t_coarse, t_fine, ramps_c, ramps_f, setup: IterationSetup, optics,
-                 n_optics, sigma_offset, P_c=None):
+                 n_optics, sigma_offset, scale_groups=None, n_scale_groups=None, P_c=None):
     """Score one batch of particles against every class in ``projs`` (one set of coarse orientations).
 
     The coarse pass covers the batch; the fine pass runs per group of particles
@@ -403,6 +423,8 @@ def _score_batch(*, Xc, Xf, Xu, ctf_c, ctf_f, isg_c, isg_f, isg_m, projs, sampli
             w, sig = res.class_weights(c)
             sums = mstep_sums(w, Xu_s, fcl.projections, ctf=ctf_f[g], inv_sigma2=isg_g, n_trans=len(t_sel),
                               X_shifted_masked=Xm_s, significant=sig, group=optics[g], n_groups=n_optics,
+                              scale_group=None if scale_groups is None else scale_groups[g],
+                              n_scale_groups=n_scale_groups,
                               offset_diff2=od2)
             act = backend.to_numpy(sums.orientations)
             caches[c].add(rows_f[key][act], sums.data, sums.weight)
@@ -472,9 +494,10 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     U = ft_u.reshape(n, -1)
     M = ft_m.reshape(n, -1)
     C = ctf_full.reshape(n, -1)
+    group = meta.optics if meta.group is None else np.asarray(meta.group, np.int64)
     if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
         sets = meta.half - 1 if setup.split_halves and n_sets > 1 else np.zeros(n, np.int64)
-        C = C * np.asarray(setup.scale, np.float64)[sets, meta.optics][:, None].astype(C.dtype)
+        C = C * np.asarray(setup.scale, np.float64)[sets, group][:, None].astype(C.dtype)
 
     sampling = healpix_sampling(setup.healpix_order, sym=setup.sym, psi_step=setup.psi_step,
                                 random_perturbation=setup.random_perturbation)
@@ -490,8 +513,11 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
         sigma2_sum=np.zeros((n_sets, n_opt, nsh)), power_sum=np.zeros((n_sets, n_opt, nsh)),
         pixel_count=np.zeros((n_sets, n_opt, nsh)), n_particles=np.zeros((n_sets, n_opt)),
         sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets), acc_rot=np.zeros(2), acc_trans=np.zeros(2),
-        class_weight=np.zeros(n_refs), signal_product=np.zeros((n_sets, n_opt, nsh)),
-        reference_power=np.zeros((n_sets, n_opt, nsh)))
+        class_weight=np.zeros(n_refs))
+    if setup.scale is not None:
+        n_groups = np.asarray(setup.scale).shape[-1]
+        acc.signal_product = np.zeros((n_sets, n_groups, nsh))
+        acc.reference_power = np.zeros((n_sets, n_groups, nsh))
     wdiff2 = np.zeros(n)  # --norm: Σ_φ w Σ_k |X − A|² per particle
     out_rot, out_tilt, out_psi = meta.rot.copy(), meta.tilt.copy(), meta.psi.copy()
     out_orig = meta.origins_px.copy()
@@ -540,7 +566,11 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                       isg_f=_inv_sigma2(sigma2, ob, sh_f, origin=False),
                       isg_m=_inv_sigma2(sigma2, ob, sh_f, origin=True), projs=projs, sampling=sampling,
                       kx_c=kx_c, ky_c=ky_c, kx_f=kx_f, ky_f=ky_f, t_coarse=t_coarse, t_fine=t_fine, ramps_c=ramps_c,
-                      ramps_f=ramps_f, setup=setup, optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h], P_c=P_c)
+                      ramps_f=ramps_f, setup=setup, optics=ob, n_optics=n_opt, sigma_offset=setup.sigma_offset[h],
+                      P_c=P_c)
+            batch_groups, local_group = np.unique(group[b], return_inverse=True)  # the scale groups of the batch
+            if acc.signal_product is not None:
+                kw.update(scale_groups=local_group, n_scale_groups=len(batch_groups))
             if setup.local_searches:
                 i = int(b[0])
                 idx, lp = local_subset(sampling, meta.rot[i], meta.tilt[i], meta.psi[i], sigma_rot=setup.sigma_ang,
@@ -602,10 +632,12 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                     for o in range(n_opt):
                         acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(s2n[o], np.float64),
                                                             minlength=nsh)[:nsh]
-                        acc.signal_product[h, o] += np.bincount(sh_f, weights=np.asarray(xa[o], np.float64),
-                                                                minlength=nsh)[:nsh]
-                        acc.reference_power[h, o] += np.bincount(sh_f, weights=np.asarray(aa[o], np.float64),
-                                                                 minlength=nsh)[:nsh]
+                    if acc.signal_product is not None:
+                        for j, gid in enumerate(batch_groups):
+                            acc.signal_product[h, gid] += np.bincount(
+                                sh_f, weights=np.asarray(xa[j], np.float64), minlength=nsh)[:nsh]
+                            acc.reference_power[h, gid] += np.bincount(
+                                sh_f, weights=np.asarray(aa[j], np.float64), minlength=nsh)[:nsh]
                     wdiff2[bg] += backend.to_numpy(sums.wdiff2)
                     acc.sigma2_offset[h] += sums.sigma2_offset
                     acc.weight_sum[h] += float(backend.to_numpy(sums.sum_weight).sum())

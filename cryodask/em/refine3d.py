@@ -103,15 +103,19 @@ class _Run:
         self.o = opts
         self.box = int(particles.box)
         self.apix = float(particles.pixel_size)
-        from cryodask.em.iteration import optics_tables
+        from cryodask.em.iteration import optics_tables, scale_groups
 
         self.optics, self.parts, self.optics_index = optics_tables(particles.table)
         self.n_opt = len(self.optics)
+        # RELION's groups for the intensity scale (per micrograph unless rlnGroupName says otherwise)
+        self.group_index, self.group_names = scale_groups(self.parts)
+        self.parts["rlnGroupNumber"] = self.group_index + 1
         n = len(self.parts)
         self.state = OptimiserState()
         self.models = [Model(ori_size=self.box, pixel_size=self.apix, n_optics_groups=self.n_opt,
                              pad=opts["pad"] or 2, tau2_fudge=opts["tau2_fudge"] or 1.0,
-                             optics_group_names=[str(s) for s in self.optics["rlnOpticsGroupName"]])
+                             optics_group_names=[str(s) for s in self.optics["rlnOpticsGroupName"]],
+                             group_names=list(self.group_names))
                        for _ in range(2)]
         self.n = n
         self.history: list[dict[str, Any]] = []
@@ -133,7 +137,7 @@ class _Run:
         return ChunkMeta(index=np.arange(sl.start, sl.stop), rot=_column(p, "rlnAngleRot", 0.0),
                          tilt=_column(p, "rlnAngleTilt", 0.0), psi=_column(p, "rlnAnglePsi", 0.0),
                          origins_px=origins, half=half, optics=self.optics_index[sl], ctf=ctf, premultiplied=pre,
-                         n_optics=self.n_opt, norm=_column(p, "rlnNormCorrection", 1.0))
+                         n_optics=self.n_opt, norm=_column(p, "rlnNormCorrection", 1.0), group=self.group_index[sl])
 
 
 def _reconstruct_task(bp, tau2, tau2_fudge, skip_gridding, sym):
@@ -235,8 +239,8 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         Particles per chunk task when ``i`` is a STAR file (default: the store's chunking).
     norm, scale
         RELION's ``--norm`` (a normalisation correction per particle, ``rlnNormCorrection``) and
-        ``--scale`` (an intensity scale per optics group, ``rlnGroupScaleCorrection``); RELION's GUI
-        turns both on.
+        ``--scale`` (an intensity scale per group, ``rlnGroupScaleCorrection``; a group is the
+        particles' ``rlnGroupName``, else their micrograph); RELION's GUI turns both on.
     maxsig
         RELION's ``--maxsig``: at most this many significant coarse samples per particle (default
         −1, no cap). The fine pass already runs per group of particles, so broad first-iteration
@@ -565,8 +569,8 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             m.current_size = current_size
             m.ave_pmax = float(p["rlnMaxValueProbDistribution"][p["rlnRandomSubset"] == h + 1].mean())
             m.log_likelihood = float(p["rlnLogLikeliContribution"][p["rlnRandomSubset"] == h + 1].sum())
-            m.group_nr_particles = np.bincount(run.optics_index[p["rlnRandomSubset"].to_numpy() == h + 1],
-                                               minlength=run.n_opt)
+            m.group_nr_particles = np.bincount(run.group_index[p["rlnRandomSubset"].to_numpy() == h + 1],
+                                               minlength=len(run.group_names))
             if avg_norm is not None:
                 m.avg_norm = avg_norm
             if st.do_scale_correction and mode == "ml" and acc.signal_product is not None:
@@ -739,10 +743,22 @@ def _load_iteration(run: _Run, optimiser: str | Path) -> list[str]:
                               "particles")
     run.state = st
     run.parts = t.particles.reset_index(drop=True)
-    run.models = [read_model(resolve_file(m, optimiser)) for m in files["model"].split()]
+    run.models = [match_scale_groups(read_model(resolve_file(m, optimiser)), run.group_names)
+                  for m in files["model"].split()]
     if len(run.models) != 2:
         raise UserError(optimiser, "does not name two half-set models; continue a refine3d run")
     return [str(resolve_file(m.references[0], optimiser)) for m in run.models]
+
+
+def match_scale_groups(model: Any, group_names: list[str]) -> Any:
+    """The model with the particles' scale groups. As many groups as the particles have: kept, in order (RELION
+    names a group after its micrograph without the job's folder); otherwise (a run written when the groups were
+    the optics groups) every group goes on with scale 1."""
+    if len(model.group_names) != len(group_names):
+        model.group_names = list(group_names)
+        model.scale = np.ones(len(group_names))
+        model.group_nr_particles = np.zeros(len(group_names), np.int64)
+    return model
 
 
 def _write_final(run: _Run, maps: list[np.ndarray], fsc: np.ndarray) -> None:

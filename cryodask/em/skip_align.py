@@ -53,7 +53,7 @@ class SkipAlignSetup:
     subtract_path: str | None = None  # map whose projection is subtracted from every image (focus mask)
     do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
     avg_norm: float = 1.0  # rlnNormCorrectionAverage
-    scale: np.ndarray | None = None  # --scale: (n_optics,) intensity scale applied to the references
+    scale: np.ndarray | None = None  # --scale: (n_groups,) intensity scale applied to the references
 
 
 def class_posteriors(diff2: np.ndarray, class_fractions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +94,9 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
     flat_a, kx_a, ky_a, sh_a = pixel_shells(box, box / 2.0)
     mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3).astype(np.float32)
     ctf = _ctf(meta, np.arange(n), box, setup.pixel_size, setup.do_ctf).reshape(n, -1)
+    group = meta.optics if meta.group is None else np.asarray(meta.group, np.int64)
     if setup.scale is not None:  # the group's intensity scale multiplies the references, as the CTF does
-        ctf = ctf * np.asarray(setup.scale, np.float64)[meta.optics][:, None].astype(ctf.dtype)
+        ctf = ctf * np.asarray(setup.scale, np.float64)[group][:, None].astype(ctf.dtype)
     rng = iteration_rng(setup.random_seed, setup.iteration, 1 + int(meta.index[0]) if n else 1)
     prep = dict(pixel_size=setup.pixel_size, particle_diameter=setup.particle_diameter,
                 width_mask_edge=setup.width_mask_edge, zero_mask=setup.zero_mask, rng=rng)
@@ -139,8 +140,7 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
         bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(K)],
         sigma2_sum=np.zeros((1, n_opt, nsh)), power_sum=np.zeros((1, n_opt, nsh)),
         pixel_count=np.zeros((1, n_opt, nsh)), n_particles=np.zeros((1, n_opt)), sigma2_offset=np.zeros(1),
-        weight_sum=np.zeros(1), acc_rot=np.zeros(2), acc_trans=np.zeros(2), class_weight=np.zeros(K),
-        signal_product=np.zeros((1, n_opt, nsh)), reference_power=np.zeros((1, n_opt, nsh)))
+        weight_sum=np.zeros(1), acc_rot=np.zeros(2), acc_trans=np.zeros(2), class_weight=np.zeros(K))
     npix = box * (box // 2 + 1)
     n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
     pw = np.abs(M[:, flat_a]) ** 2
@@ -169,8 +169,14 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
         acc.power_sum[0, o] += np.bincount(sh_a, weights=pw[so].sum(axis=0), minlength=nsh)[:nsh]
         acc.n_particles[0, o] += so.sum()
         acc.pixel_count[0, o] += n_per_shell_f * so.sum()
-        acc.signal_product[0, o] += np.bincount(sh_f, weights=xa[so].sum(axis=0), minlength=nsh)[:nsh]
-        acc.reference_power[0, o] += np.bincount(sh_f, weights=aa[so].sum(axis=0), minlength=nsh)[:nsh]
+    if setup.scale is not None:
+        n_groups = len(np.asarray(setup.scale))
+        acc.signal_product = np.zeros((1, n_groups, nsh))
+        acc.reference_power = np.zeros((1, n_groups, nsh))
+        for gid in np.unique(group):
+            sg = group == gid
+            acc.signal_product[0, gid] += np.bincount(sh_f, weights=xa[sg].sum(axis=0), minlength=nsh)[:nsh]
+            acc.reference_power[0, gid] += np.bincount(sh_f, weights=aa[sg].sum(axis=0), minlength=nsh)[:nsh]
     acc.weight_sum[0] += float(w.sum())
     norm_out = norm_in
     if setup.do_norm:

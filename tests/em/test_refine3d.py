@@ -81,6 +81,10 @@ def test_short_run_writes_relions_files_and_finds_the_poses(small, short_run):
     assert model["model_general"]["rlnCurrentImageSize"] == BOX
     assert len(model["model_optics_group_2"]) == BOX // 2 + 1
     assert (model["model_optics_group_1"]["rlnSigma2Noise"][1:] > 0).all()
+    # RELION 3.1's scale groups by default: one per micrograph, numbered in order of appearance
+    mics = list(dict.fromkeys(data["rlnMicrographName"]))
+    assert list(model["model_groups"]["rlnGroupName"]) == mics and len(mics) == 6
+    assert np.array_equal(data["rlnGroupNumber"].to_numpy(), [mics.index(m) + 1 for m in data["rlnMicrographName"]])
     # 15° fine sampling after two iterations from a 30 Å reference: most poses within ~ one step
     err = _angular_errors(data, sim.truth)
     assert np.median(err) < 15.0, np.median(err)
@@ -183,8 +187,11 @@ def test_relion_postprocess_reads_our_half_maps(small, short_run, relion, tmp_pa
 def test_norm_and_scale_recover_image_and_group_intensities(tmp_path, client):
     """--norm and --scale on images whose overall level differs per particle (x0.7 or x1.4: noise and signal)
     and whose signal differs per optics group (x1 and x0.6): rlnNormCorrection follows the particle's level and
-    rlnGroupScaleCorrection the group's signal, as RELION's corrections do; without them both stay 1."""
+    rlnGroupScaleCorrection the group's signal, as RELION's corrections do. The scale groups are the particles'
+    rlnGroupName (here the optics group's name; RELION's default, one group per micrograph, is checked below)."""
     import dataclasses
+
+    from cryodask.io.star import ParticleTable, write_particles
 
     vol = phantom(BOX, seed=0)
     clean = simulate_particles([vol], APIX, n=300, snr=0, seed=5, n_optics_groups=2)
@@ -195,16 +202,22 @@ def test_norm_and_scale_recover_image_and_group_intensities(tmp_path, client):
     level = rng.choice([0.7, 1.4], len(group))
     images = (level[:, None, None] * (signal[:, None, None] * clean.images + noise)).astype(np.float32)
     paths = write_simulation(tmp_path, dataclasses.replace(clean, images=images))
+    t = read_particles(paths["particles"])
+    parts = t.particles.assign(rlnGroupName=[f"optics{g}" for g in t.particles["rlnOpticsGroup"]])
+    write_particles(tmp_path / "grouped.star", ParticleTable(optics=t.optics, particles=parts))
     write_map(tmp_path / "ref.mrc", low_pass_filter(vol, 30.0, APIX), APIX)
-    res = refine3d(paths["particles"], tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1, iter=3,
+    res = refine3d(tmp_path / "grouped.star", tmp_path / "run", tmp_path / "ref.mrc", healpix_order=1, iter=3,
                    norm=True, scale=True, client=client, **COMMON)
     data = res.data
     norm = data["rlnNormCorrection"].to_numpy()
     ratio = np.median(norm[level == 1.4]) / np.median(norm[level == 0.7])
     assert 1.8 <= ratio <= 2.2, ratio
     model = read_star(tmp_path / "run_model.star")
-    scale = model["model_groups"]["rlnGroupScaleCorrection"].to_numpy()
+    groups = model["model_groups"]
+    assert list(groups["rlnGroupName"]) == ["optics1", "optics2"] and groups["rlnGroupNrParticles"].sum() > 0
+    scale = groups["rlnGroupScaleCorrection"].to_numpy()
     assert 0.5 <= scale[1] / scale[0] <= 0.7, scale
+    assert np.array_equal(data["rlnGroupNumber"].to_numpy(), data["rlnOpticsGroup"].to_numpy())
     assert float(model["model_general"]["rlnNormCorrectionAverage"]) == pytest.approx(norm.mean(), rel=0.05)
     opt = read_star(tmp_path / "run_it003_optimiser.star")["optimiser_general"]
     assert int(opt["rlnDoCorrectNorm"]) == 1 and int(opt["rlnDoCorrectScale"]) == 1
