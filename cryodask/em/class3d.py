@@ -84,6 +84,20 @@ def _reconstruct_class(acc, k: int, tau2, tau2_fudge: float, skip_gridding: bool
     return vol, np.asarray(dvp.data_vs_prior, np.float64)
 
 
+def _conditional_direction_prior(model, st) -> np.ndarray | None:
+    """The model's learnt direction prior per class, each row summing to 1 (the class fraction is applied
+    apart), for an E-step on the same HEALPix grid; None (uniform) before it has been learnt."""
+    from cryodask.geometry.healpix import healpix_sampling
+
+    pdf = model.pdf_direction
+    n_dir = healpix_sampling(st.healpix_order, sym=st.sym).n_directions
+    if len(pdf) != model.n_classes or any(len(p) != n_dir for p in pdf):
+        return None
+    rows = np.asarray(pdf, np.float64)
+    total = rows.sum(axis=1, keepdims=True)
+    return np.where(total > 0, rows / np.where(total > 0, total, 1.0), 1.0 / n_dir)
+
+
 def _small(acc):
     from dataclasses import replace
 
@@ -384,7 +398,8 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
                 random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction, mode=mode,
-                avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None)
+                avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None,
+                direction_prior=_conditional_direction_prior(model, st))
             task, name = expectation_chunk, "class3d"
         tau2_f = [client.submit(_power_spectrum, paths[k], model.pad, pure=False) for k in range(K)]
         futs = session.chunk_futures(run.particles)
@@ -447,6 +462,9 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 acc.power_sum[0, g] / (2.0 * nn * np.maximum(npix_all, 1)))
         if acc.weight_sum[0] > 0 and ml and not st.do_skip_align:
             model.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[0] / (2.0 * acc.weight_sum[0]))))
+        if acc.direction_weight is not None and not st.do_skip_align and total_w > 0:
+            # RELION's pdf_direction: Σw per direction over all the weight, so a class's sums to its fraction
+            model.pdf_direction = [np.asarray(acc.direction_weight[k], np.float64) / total_w for k in range(K)]
         for k in range(K):
             model.tau2[k] = tau2[k]
             model.data_vs_prior[k] = rec[k][1]

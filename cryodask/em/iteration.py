@@ -81,6 +81,9 @@ class IterationSetup:
     do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
     avg_norm: float = 1.0  # rlnNormCorrectionAverage
     scale: np.ndarray | None = None  # --scale: (n_halves, n_groups) intensity scale applied to the references
+    # global searches: RELION's learnt direction prior, (n_references, n_directions), each row summing to 1
+    # (None: uniform); a direction with prior 0 is not searched, as in RELION
+    direction_prior: np.ndarray | None = None
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Accumulators:
     # --scale: (n_halves, n_groups, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
     signal_product: np.ndarray | None = None
     reference_power: np.ndarray | None = None
+    # global searches: (n_references, n_directions) Σ w per HEALPix direction (RELION's wsum pdf_direction)
+    direction_weight: np.ndarray | None = None
 
     def __iadd__(self, other: "Accumulators") -> "Accumulators":
         for a, b in zip(self.bp, other.bp, strict=True):
@@ -130,7 +135,7 @@ class Accumulators:
 
 
 _SUMMED = ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
-           "acc_trans", "class_weight", "signal_product", "reference_power")
+           "acc_trans", "class_weight", "signal_product", "reference_power", "direction_weight")
 
 
 @dataclass
@@ -514,6 +519,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
         pixel_count=np.zeros((n_sets, n_opt, nsh)), n_particles=np.zeros((n_sets, n_opt)),
         sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets), acc_rot=np.zeros(2), acc_trans=np.zeros(2),
         class_weight=np.zeros(n_refs))
+    if not setup.local_searches:
+        acc.direction_weight = np.zeros((n_refs, sampling.n_directions))
+    n_over_rot = 8 ** setup.oversampling
     if setup.scale is not None:
         n_groups = np.asarray(setup.scale).shape[-1]
         acc.signal_product = np.zeros((n_sets, n_groups, nsh))
@@ -577,9 +585,15 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                                        sigma_tilt=setup.sigma_ang, sigma_psi=setup.sigma_ang)
             else:
                 idx, lp = np.arange(sampling.n_orientations), None
+            dir_lp = None
+            if setup.direction_prior is not None and not setup.local_searches:
+                with np.errstate(divide="ignore"):
+                    dir_lp = np.log(np.asarray(setup.direction_prior, np.float64)[refs])[:, idx // sampling.n_psi]
             if class_lp is not None:
                 base = np.zeros(len(idx)) if lp is None else lp
                 lp = class_lp[:, None] + base[None, :]
+                if dir_lp is not None:
+                    lp = lp + dir_lp
                 if setup.random_classes:  # break the symmetry of identical starting references
                     pick = iteration_rng(setup.random_seed, setup.iteration, 2_000_003 + int(meta.index[b[0]])
                                          ).integers(0, len(projs), len(b))
@@ -587,6 +601,8 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                     lp = np.where(own[:, :, None], lp[None], -np.inf)
             elif lp is not None:
                 lp = np.broadcast_to(lp[None, :], (len(projs), len(idx)))
+            elif dir_lp is not None:
+                lp = dir_lp
             kw.update(coarse_index=idx, log_prior_orient=lp)
             groups, inserts = _score_batch(**kw)
             for c, (mats, data, weight) in enumerate(inserts):
@@ -626,6 +642,11 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                         continue
                     sums, mats = item
                     k = refs[c]
+                    if acc.direction_weight is not None:
+                        fine = backend.to_numpy(res.classes[c].orientations)
+                        acc.direction_weight[k] += np.bincount(
+                            idx[fine // n_over_rot] // sampling.n_psi, minlength=sampling.n_directions,
+                            weights=np.asarray(backend.to_numpy(sums.orientation_weight), np.float64))
                     s2n = backend.to_numpy(sums.sigma2_noise)
                     xa = backend.to_numpy(sums.signal_product)
                     aa = backend.to_numpy(sums.reference_power)

@@ -476,7 +476,8 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             particle_diameter=st.particle_diameter, width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask,
             do_ctf=st.do_ctf_correction, random_seed=st.random_seed, maxsig=int(o.get("maxsig", -1) or -1),
             do_norm=st.do_norm_correction, avg_norm=float(m0.avg_norm),
-            scale=np.stack([m.scale for m in run.models]) if st.do_scale_correction else None)
+            scale=np.stack([m.scale for m in run.models]) if st.do_scale_correction else None,
+            direction_prior=None if st.local_searches else _direction_prior(run.models, st))
         futs = run.session.chunk_futures(run.particles)
         results = []
         for k, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True)):
@@ -560,6 +561,8 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
                                   out_pw)
             if mode == "ml":  # RELION keeps σ² through a --firstiter_cc iteration (its residuals are not ML ones)
                 m.sigma2_noise[:] = new
+            if acc.direction_weight is not None and acc.weight_sum[h] > 0:  # RELION's pdf_direction
+                m.pdf_direction = [np.asarray(acc.direction_weight[h], np.float64) / acc.weight_sum[h]]
             if acc.weight_sum[h] > 0 and mode == "ml":
                 m.sigma_offset = float(np.sqrt(max(2.0, acc.sigma2_offset[h] / (2.0 * acc.weight_sum[h]))))
             m.fsc[0] = fsc_now
@@ -748,6 +751,19 @@ def _load_iteration(run: _Run, optimiser: str | Path) -> list[str]:
     if len(run.models) != 2:
         raise UserError(optimiser, "does not name two half-set models; continue a refine3d run")
     return [str(resolve_file(m.references[0], optimiser)) for m in run.models]
+
+
+def _direction_prior(models: list[Any], st: Any) -> np.ndarray | None:
+    """The halves' learnt direction priors (RELION's pdf_direction) for global searches on the current grid;
+    None (uniform) until learnt, and again after the HEALPix order changes."""
+    from cryodask.geometry.healpix import healpix_sampling
+
+    n_dir = healpix_sampling(st.healpix_order, sym=st.sym).n_directions
+    if any(len(m.pdf_direction) != 1 or len(m.pdf_direction[0]) != n_dir for m in models):
+        return None
+    rows = np.stack([np.asarray(m.pdf_direction[0], np.float64) for m in models])
+    total = rows.sum(axis=1, keepdims=True)
+    return np.where(total > 0, rows / np.where(total > 0, total, 1.0), 1.0 / n_dir)
 
 
 def match_scale_groups(model: Any, group_names: list[str]) -> Any:

@@ -52,6 +52,12 @@ def test_class3d_separates_a_mixture(tmp_path):
     model = read_star(tmp_path / f"run_it{it:03d}_model.star")
     assert len(model["model_classes"]) == 2 and "model_class_2" in model
     assert model["model_classes"]["rlnClassDistribution"].sum() == pytest.approx(1.0, abs=1e-4)
+    # the learnt direction prior of the last aligned iteration: each class's sums to its fraction (RELION)
+    aligned = read_star(tmp_path / f"run_it{it - MIXTURE['auto_focus_iter']:03d}_model.star")
+    for k in (1, 2):
+        pdf = aligned[f"model_pdf_orient_class_{k}"]["rlnOrientationDistribution"].to_numpy(np.float64)
+        frac = float(aligned["model_classes"]["rlnClassDistribution"].iloc[k - 1])
+        assert len(pdf) == 48 and pdf.sum() == pytest.approx(frac, rel=1e-3)
     assert int(model["model_general"]["rlnReferenceDimensionality"]) == 3
     sampling = read_star(tmp_path / "run_it001_sampling.star")["sampling_general"]
     assert float(sampling["rlnOffsetRange"]) == pytest.approx(6.0 * APIX)  # Å, as RELION 3.1

@@ -81,6 +81,18 @@ def test_short_run_writes_relions_files_and_finds_the_poses(small, short_run):
     assert model["model_general"]["rlnCurrentImageSize"] == BOX
     assert len(model["model_optics_group_2"]) == BOX // 2 + 1
     assert (model["model_optics_group_1"]["rlnSigma2Noise"][1:] > 0).all()
+    # the learnt direction prior (RELION's pdf_direction) of half 1 follows where its particles' true views lie
+    from cryodask.geometry.healpix import healpix_sampling
+    from cryodask.geometry.symmetry import direction_vectors
+
+    pdf = read_star(f"{root}_it002_half1_model.star")["model_pdf_orient_class_1"]["rlnOrientationDistribution"]
+    pdf = pdf.to_numpy(np.float64)
+    assert len(pdf) == 48 and pdf.sum() == pytest.approx(1.0, abs=1e-6) and pdf.min() >= 0
+    half1 = (data["rlnRandomSubset"] == 1).to_numpy()
+    true_dir = direction_vectors(sim.truth.rlnAngleRot.to_numpy()[half1], sim.truth.rlnAngleTilt.to_numpy()[half1])
+    counts = np.bincount(np.argmax(true_dir @ healpix_sampling(1).direction_vectors().T, axis=1), minlength=48)
+    # measured 0.56 (150 particles over 48 directions); a uniform or mis-indexed prior gives ~0
+    assert np.corrcoef(pdf, counts)[0, 1] > 0.3, np.corrcoef(pdf, counts)[0, 1]
     # RELION 3.1's scale groups by default: one per micrograph, numbered in order of appearance
     mics = list(dict.fromkeys(data["rlnMicrographName"]))
     assert list(model["model_groups"]["rlnGroupName"]) == mics and len(mics) == 6
