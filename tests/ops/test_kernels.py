@@ -27,7 +27,8 @@ def test_gather_equals_the_array_expression(double):
     kx = kx + rng.uniform(-0.5, 0.5, kx.shape)  # off-grid too, some with kx < 0 (Friedel mates)
     rdtype = np.float64 if double else np.float32
     a = rot.astype(rdtype)
-    xi = proj.pad * (kx.astype(rdtype)[None, :, None] * a[:, None, 0, :] + ky.astype(rdtype)[None, :, None] * a[:, None, 1, :])
+    xi = proj.pad * (kx.astype(rdtype)[None, :, None] * a[:, None, 0, :]
+                     + ky.astype(rdtype)[None, :, None] * a[:, None, 1, :])
     index, weight, negative = trilinear_corners(xi, proj.half_extent, proj.data.shape)
     want = (proj.data.reshape(-1)[index] * weight).sum(axis=-1)
     want = np.where(negative, np.conj(want), want)
@@ -54,7 +55,8 @@ def test_scatter_equals_the_array_expression():
     data = np.zeros_like(bp.data)
     weight = np.zeros_like(bp.weight)
     a = rot.astype(np.float32)
-    xi = bp.pad * (kx.astype(np.float32)[None, :, None] * a[:, None, 0, :] + ky.astype(np.float32)[None, :, None] * a[:, None, 1, :])
+    xi = bp.pad * (kx.astype(np.float32)[None, :, None] * a[:, None, 0, :]
+                   + ky.astype(np.float32)[None, :, None] * a[:, None, 1, :])
     index, tri, negative = trilinear_corners(xi, bp.half_extent, bp.data.shape)
     keep = w > 0
     v = np.where(negative, np.conj(vals), vals) * keep
