@@ -448,6 +448,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
                        bps: list[Any], acc: dict[str, Any], group: np.ndarray) -> dict[str, np.ndarray]:
     """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
     from cryodask.em.estep import mstep_sums, precompute_shifted
+    from cryodask.em.iteration import shell_sums
 
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
     nsh = box // 2 + 1
@@ -501,12 +502,9 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         for g in range(n_optics):
             acc["sigma2_sum"][g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
                                                 minlength=nsh)[:nsh]
-        if acc["signal_product"] is not None:
-            for j, gid in enumerate(batch_groups):
-                acc["signal_product"][gid] += np.bincount(shell, weights=sums.signal_product[j].astype(np.float64),
-                                                          minlength=nsh)[:nsh]
-                acc["reference_power"][gid] += np.bincount(
-                    shell, weights=sums.reference_power[j].astype(np.float64), minlength=nsh)[:nsh]
+        if acc["signal_product"] is not None:  # the batch's groups are distinct: += by index is a sum
+            acc["signal_product"][batch_groups] += shell_sums(sums.signal_product, shell, nsh)
+            acc["reference_power"][batch_groups] += shell_sums(sums.reference_power, shell, nsh)
         wdiff2 += np.asarray(sums.wdiff2, np.float64)
         acc["class_weight"][k] += sums.class_weight
         tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
@@ -917,7 +915,7 @@ class _Run:
         if not np.any(m.sigma2_noise):  # read_model also reads RELION 3.1's data_model_group_N
             raise UserError(model_path, "has no noise spectrum (rlnSigma2Noise in data_model_optics_group_N or "
                                         "data_model_group_N); continue a class2d run")
-        from cryodask.em.refine3d import match_scale_groups
+        from cryodask.em.model import match_scale_groups
 
         m.tau2_fudge = self.o["tau2_fudge"]
         m.pad = self.o["pad"]

@@ -84,20 +84,6 @@ def _reconstruct_class(acc, k: int, tau2, tau2_fudge: float, skip_gridding: bool
     return vol, np.asarray(dvp.data_vs_prior, np.float64)
 
 
-def _conditional_direction_prior(model, st) -> np.ndarray | None:
-    """The model's learnt direction prior per class, each row summing to 1 (the class fraction is applied
-    apart), for an E-step on the same HEALPix grid; None (uniform) before it has been learnt."""
-    from cryodask.geometry.healpix import healpix_sampling
-
-    pdf = model.pdf_direction
-    n_dir = healpix_sampling(st.healpix_order, sym=st.sym).n_directions
-    if len(pdf) != model.n_classes or any(len(p) != n_dir for p in pdf):
-        return None
-    rows = np.asarray(pdf, np.float64)
-    total = rows.sum(axis=1, keepdims=True)
-    return np.where(total > 0, rows / np.where(total > 0, total, 1.0), 1.0 / n_dir)
-
-
 def _small(acc):
     from dataclasses import replace
 
@@ -345,7 +331,8 @@ def _iterate(run, refs: list[str], model, log) -> Class3DResult:
 
 
 def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
-    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, sampling_points
+    from cryodask.em.iteration import (IterationSetup, direction_prior, expectation_chunk, particle_results,
+                                       sampling_points)
     from cryodask.em.iteration import sum_accumulators
     from cryodask.em.mstep import scale_correction
     from cryodask.em.refine3d import (_all_shells, _column, _last_shell_ssnr, _solvent_flatten, _tree,
@@ -399,7 +386,8 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
                 random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction, mode=mode,
                 avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None,
-                direction_prior=_conditional_direction_prior(model, st))
+                direction_prior=direction_prior(model.pdf_direction if len(model.pdf_direction) == K else [],
+                                                st.healpix_order, st.sym))
             task, name = expectation_chunk, "class3d"
         tau2_f = [client.submit(_power_spectrum, paths[k], model.pad, pure=False) for k in range(K)]
         futs = session.chunk_futures(run.particles)
@@ -567,7 +555,7 @@ def _load_iteration(run, optimiser: str | Path):
     if len(names) != 1 or st.do_split_random_halves:
         raise UserError(optimiser, "is not from a 3D classification (it names half-set models); continue a "
                                    "class3d run")
-    from cryodask.em.refine3d import match_scale_groups
+    from cryodask.em.model import match_scale_groups
 
     model = match_scale_groups(read_model(resolve_file(names[0], optimiser)), run.group_names)
     if model.ori_size != run.box:

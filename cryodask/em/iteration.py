@@ -35,6 +35,7 @@ import numpy as np
 from cryodask import backend
 
 __all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk", "scale_groups",
+           "direction_prior",
            "load_projector", "sum_accumulators", "pixel_shells", "prepare_images", "fsc_of_accumulators",
            "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between", "sampling_points"]
 
@@ -186,6 +187,26 @@ def scale_groups(particles: Any) -> tuple[np.ndarray, list[str]]:
             rank[order] = np.arange(len(order))
             return rank[inverse].astype(np.int64), [str(x) for x in uniq[order]]
     return np.zeros(len(particles), np.int64), ["group"]
+
+
+def shell_sums(values: Any, shell: np.ndarray, nsh: int) -> np.ndarray:
+    """Row by row, the sum of ``values`` (m, K) over the pixels of each shell: (m, nsh), float64."""
+    return np.stack([np.bincount(shell, weights=np.asarray(v, np.float64), minlength=nsh)[:nsh]
+                     for v in backend.to_numpy(values)]).reshape(-1, nsh)
+
+
+def direction_prior(pdfs: list[np.ndarray], healpix_order: int, sym: str) -> np.ndarray | None:
+    """Learnt direction priors (RELION's pdf_direction, one per reference) as the E-step takes them: each row
+    summing to 1 (a class fraction is applied apart). None (uniform) when they are missing or were learnt on
+    another HEALPix grid (before the order changed)."""
+    from cryodask.geometry.healpix import healpix_sampling
+
+    n_dir = healpix_sampling(healpix_order, sym=sym).n_directions
+    if not pdfs or any(len(p) != n_dir for p in pdfs):
+        return None
+    rows = np.asarray(pdfs, np.float64)
+    total = rows.sum(axis=1, keepdims=True)
+    return np.where(total > 0, rows / np.where(total > 0, total, 1.0), 1.0 / n_dir)
 
 
 def sum_accumulators(*parts: Any) -> Accumulators:
@@ -653,12 +674,9 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                     for o in range(n_opt):
                         acc.sigma2_sum[h, o] += np.bincount(sh_f, weights=np.asarray(s2n[o], np.float64),
                                                             minlength=nsh)[:nsh]
-                    if acc.signal_product is not None:
-                        for j, gid in enumerate(batch_groups):
-                            acc.signal_product[h, gid] += np.bincount(
-                                sh_f, weights=np.asarray(xa[j], np.float64), minlength=nsh)[:nsh]
-                            acc.reference_power[h, gid] += np.bincount(
-                                sh_f, weights=np.asarray(aa[j], np.float64), minlength=nsh)[:nsh]
+                    if acc.signal_product is not None:  # the batch's groups are distinct: += by index is a sum
+                        acc.signal_product[h, batch_groups] += shell_sums(xa, sh_f, nsh)
+                        acc.reference_power[h, batch_groups] += shell_sums(aa, sh_f, nsh)
                     wdiff2[bg] += backend.to_numpy(sums.wdiff2)
                     acc.sigma2_offset[h] += sums.sigma2_offset
                     acc.weight_sum[h] += float(backend.to_numpy(sums.sum_weight).sum())

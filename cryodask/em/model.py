@@ -39,7 +39,7 @@ import pandas as pd
 from cryodask.errors import UserError, where
 from cryodask.io.star import read_star, write_star
 
-__all__ = ["Model", "write_model", "read_model", "shell_resolution_table"]
+__all__ = ["Model", "write_model", "read_model", "shell_resolution_table", "match_scale_groups"]
 
 
 def shell_resolution_table(ori_size: int, pixel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -293,3 +293,14 @@ def _group_sigma2(blocks: dict[str, Any], n_shells: int, path: Path) -> np.ndarr
     if not sig:
         return None
     return np.average(np.stack(sig), axis=0, weights=np.asarray(wts))
+
+
+def match_scale_groups(model: Model, group_names: list[str]) -> Model:
+    """The model with the particles' scale groups. As many groups as the particles have: kept, in order (RELION
+    names a group after its micrograph without the job's folder); otherwise (a run written when the groups were
+    the optics groups) every group goes on with scale 1."""
+    if len(model.group_names) != len(group_names):
+        model.group_names = list(group_names)
+        model.scale = np.ones(len(group_names))
+        model.group_nr_particles = np.zeros(len(group_names), np.int64)
+    return model

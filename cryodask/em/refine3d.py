@@ -428,7 +428,8 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
 
 def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     from cryodask.analysis.fsc import resolution_at
-    from cryodask.em.iteration import IterationSetup, expectation_chunk, particle_results, rotation_angle_between
+    from cryodask.em.iteration import (IterationSetup, direction_prior, expectation_chunk, particle_results,
+                                       rotation_angle_between)
     from cryodask.em.iteration import sampling_points, sum_accumulators
     from cryodask.em.mstep import scale_correction, tau2_from_fsc
     from cryodask.geometry.euler import euler_to_matrix
@@ -477,7 +478,8 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             do_ctf=st.do_ctf_correction, random_seed=st.random_seed, maxsig=int(o.get("maxsig", -1) or -1),
             do_norm=st.do_norm_correction, avg_norm=float(m0.avg_norm),
             scale=np.stack([m.scale for m in run.models]) if st.do_scale_correction else None,
-            direction_prior=None if st.local_searches else _direction_prior(run.models, st))
+            direction_prior=None if st.local_searches or any(len(m.pdf_direction) != 1 for m in run.models)
+            else direction_prior([m.pdf_direction[0] for m in run.models], st.healpix_order, st.sym))
         futs = run.session.chunk_futures(run.particles)
         results = []
         for k, (f, sl) in enumerate(zip(futs, run.particles.chunk_slices(), strict=True)):
@@ -734,7 +736,7 @@ def _write_iteration(run: _Run, it: int, refs: list[str]) -> None:
 
 def _load_iteration(run: _Run, optimiser: str | Path) -> list[str]:
     """Restore the run's state, models and particles from an iteration's files; returns the reference maps."""
-    from cryodask.em.model import read_model
+    from cryodask.em.model import match_scale_groups, read_model
     from cryodask.em.state import read_optimiser, resolve_file
     from cryodask.io.star import read_particles
 
@@ -751,30 +753,6 @@ def _load_iteration(run: _Run, optimiser: str | Path) -> list[str]:
     if len(run.models) != 2:
         raise UserError(optimiser, "does not name two half-set models; continue a refine3d run")
     return [str(resolve_file(m.references[0], optimiser)) for m in run.models]
-
-
-def _direction_prior(models: list[Any], st: Any) -> np.ndarray | None:
-    """The halves' learnt direction priors (RELION's pdf_direction) for global searches on the current grid;
-    None (uniform) until learnt, and again after the HEALPix order changes."""
-    from cryodask.geometry.healpix import healpix_sampling
-
-    n_dir = healpix_sampling(st.healpix_order, sym=st.sym).n_directions
-    if any(len(m.pdf_direction) != 1 or len(m.pdf_direction[0]) != n_dir for m in models):
-        return None
-    rows = np.stack([np.asarray(m.pdf_direction[0], np.float64) for m in models])
-    total = rows.sum(axis=1, keepdims=True)
-    return np.where(total > 0, rows / np.where(total > 0, total, 1.0), 1.0 / n_dir)
-
-
-def match_scale_groups(model: Any, group_names: list[str]) -> Any:
-    """The model with the particles' scale groups. As many groups as the particles have: kept, in order (RELION
-    names a group after its micrograph without the job's folder); otherwise (a run written when the groups were
-    the optics groups) every group goes on with scale 1."""
-    if len(model.group_names) != len(group_names):
-        model.group_names = list(group_names)
-        model.scale = np.ones(len(group_names))
-        model.group_nr_particles = np.zeros(len(group_names), np.int64)
-    return model
 
 
 def _write_final(run: _Run, maps: list[np.ndarray], fsc: np.ndarray) -> None:
