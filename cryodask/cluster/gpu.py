@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from cryodask.cluster.local import worker_environ
 from cryodask.errors import UserError
 
 #: the resource GPU workers advertise and GPU tasks request
@@ -287,8 +288,7 @@ def local_gpu_worker_spec(gpus: Sequence[int], *, n_workers: int | None = None, 
         memory_limit = int(MEMORY_LIMIT // n_workers)
     spec = {}
     for i, mine in enumerate(per_worker):
-        worker_env = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-                      "MKL_NUM_THREADS": str(threads), **(env or {}),
+        worker_env = {**worker_environ(threads), **(env or {}),
                       "CUDA_VISIBLE_DEVICES": visible_devices(mine, parent_visible)}
         spec[f"gpu-{i}"] = {"cls": Nanny, "options": {
             "nthreads": threads, "memory_limit": memory_limit, "resources": {GPU_RESOURCE: 1},

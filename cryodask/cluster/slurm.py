@@ -141,10 +141,10 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
             continue
         kwargs[name] = copy.deepcopy(value)
     prologue = [str(x) for x in (dask.config.get(P + "job-script-prologue") or [])]
-    if spec.worker_config:
-        sections = ", ".join(sorted(spec.worker_config))
-        prologue.append(f"# the cluster configuration's {sections} sections for the workers (base64 JSON)")
-        prologue.append(f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(spec.worker_config)}")
+    sections = "".join(f"the cluster configuration's {', '.join(sorted(spec.worker_config))} sections and "
+                       for _ in [0] if spec.worker_config)
+    prologue.append(f"# {sections}the malloc settings for the workers (base64 JSON)")
+    prologue.append(f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(_with_malloc(spec.worker_config))}")
     kwargs["job_script_prologue"] = prologue
     wargs = [str(a) for a in (dask.config.get(P + "worker-extra-args") or [])]
     kwargs["worker_extra_args"] = _gpu_worker_args(spec, wargs + walltime_lifetime_args(wargs))
@@ -155,6 +155,18 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
     if cores is not None:
         kwargs["cores"] = cores
     return kwargs
+
+
+def _with_malloc(worker_config: dict[str, Any]) -> dict[str, Any]:
+    """``worker_config`` with :data:`cryodask.cluster.local.MALLOC_ENVIRON` added to the nanny's
+    pre-spawn environment, where the file does not set those variables itself."""
+    from cryodask.cluster.local import MALLOC_ENVIRON
+
+    out = copy.deepcopy(dict(worker_config))
+    env = out.setdefault("distributed", {}).setdefault("nanny", {}).setdefault("pre-spawn-environ", {})
+    for k, v in MALLOC_ENVIRON.items():
+        env.setdefault(k, v)
+    return out
 
 
 def _accepted_kwargs() -> set[str]:

@@ -262,6 +262,9 @@ def test_cli_show_slurm_gpu(capsys):
     assert inherited["distributed"]["scheduler"]["allowed-failures"] == 5
     assert inherited["distributed"]["comm"]["timeouts"] == {"connect": "60s", "tcp": "120s"}
     assert "jobqueue" not in inherited
+    # and the glibc malloc settings of worker_environ, through the nanny (it would set its own trim threshold)
+    env = inherited["distributed"]["nanny"]["pre-spawn-environ"]
+    assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
     # nothing leaked into this process's configuration
     assert dask.config.get("jobqueue.slurm.cores") is None
 
