@@ -955,6 +955,12 @@ class _Run:
         path = output_name(self.o["o"], 0, "classes.mrcs")
         write_stack(path, refs, self.apix)
         self._set_tau2(refs)
+        # iteration 1's image size from the references' SSNR, as RELION (initialiseDataVersusPrior)
+        dvp = initial_data_vs_prior(self.tau2, self.model.sigma2_noise, tot["count"], self.model.class_fractions,
+                                    tau2_fudge=float(self.o["tau2_fudge"]))
+        best = max(1, max(_last_shell_ssnr(d) for d in dvp))
+        self.model.current_resolution = float(self.box * self.apix / best)
+        self.model.current_size = int(min(self.box, 2 * (best + self.o["incr_size"])))
         self.parts["rlnClassNumber"] = 1
         self.parts["rlnAnglePsi"] = 0.0
         self._write(0, str(path))
@@ -1087,6 +1093,21 @@ class _Run:
         write_sampling_2d(sampling, self.state, self.apix)
         write_optimiser(output_name(root, it, "optimiser.star"), self.state, command_line=self.o["command_line"],
                         model_files=str(model), data_file=str(data), sampling_file=str(sampling))
+
+
+def initial_data_vs_prior(tau2: np.ndarray, sigma2_noise: np.ndarray, n_particles: np.ndarray,
+                          class_fractions: np.ndarray, *, tau2_fudge: float) -> np.ndarray:
+    """RELION's SSNR of the initial 2D references (``MlModel::initialiseDataVersusPrior``), (K, shells).
+
+    ``N · pdf_class · T · τ²(r) / σ²(r)``, with σ² averaged over the optics groups by their particle
+    counts; a shell with no noise power counts as resolved.
+    """
+    n = np.asarray(n_particles, np.float64)
+    avg = (n[:, None] * np.asarray(sigma2_noise, np.float64)).sum(axis=0) / max(n.sum(), 1.0)
+    evidence = n.sum() * np.asarray(class_fractions, np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ssnr = evidence * tau2_fudge * np.asarray(tau2, np.float64) / avg[None, :]
+    return np.where(avg[None, :] > 0, ssnr, np.inf)
 
 
 def _last_shell_ssnr(dvp: np.ndarray) -> int:

@@ -530,6 +530,11 @@ def significant_coarse(weights: Any, adaptive_fraction: float = 0.999, maxsig: i
     M = int(w.shape[1])
     frac = float(adaptive_fraction)
     total = w.sum(axis=1, dtype=np.float64)
+    if xp is np and w.dtype == np.float32:  # compiled: one histogram pass per particle, no sort of the rows
+        from cryodask.em.kernels import significance_threshold
+
+        n_taken, threshold = significance_threshold(w, total, frac, maxsig)
+        return _significance_mask(xp, weights, total, n_taken, threshold)
     cut = (0.5 * max(0.0, 1.0 - frac) / M) * total  # 0.5: margin against rounding
     cand = w >= cut[:, None].astype(w.dtype)
     ncand = cand.sum(axis=1)
@@ -583,10 +588,15 @@ def significant_coarse(weights: Any, adaptive_fraction: float = 0.999, maxsig: i
         nt_full, thr_full, _ = _walk(_top_sorted(M, ridx), ridx)
         n_taken[ridx] = nt_full
         threshold[ridx] = thr_full
+    return _significance_mask(xp, weights, total, n_taken, threshold)
+
+
+def _significance_mask(xp: Any, weights: Any, total: Any, n_taken: Any, threshold: Any) -> tuple[Array, Array, Array]:
+    n = int(weights.shape[0])
     empty = ~(total > 0)
     threshold = xp.where(empty, 0.0, threshold)
     # thr > 0 for every row with a positive weight, so ">= thr" also drops the zeros; +inf empties a row
-    thr = xp.where(empty, xp.inf, threshold).astype(w.dtype).reshape((n,) + (1,) * (weights.ndim - 1))
+    thr = xp.where(empty, xp.inf, threshold).astype(weights.dtype).reshape((n,) + (1,) * (weights.ndim - 1))
     mask = weights >= thr
     n_sig = xp.where(empty, 0, n_taken).astype(np.int64)
     return mask, n_sig, threshold
@@ -628,6 +638,33 @@ class Posterior:
     failed: Array
 
 
+class _PerClassPrior:
+    """A per-class translation prior (N_i, C, N_t) over orientations grouped by class: added block by
+    block (runs of equal ``orient_class``) instead of being expanded to the size of ``diff2``."""
+
+    def __init__(self, xp: Any, lpt: Any, orient_class: Any) -> None:
+        from cryodask.backend import to_numpy
+
+        oc = np.asarray(to_numpy(orient_class), np.int64)
+        starts = np.flatnonzero(np.r_[True, oc[1:] != oc[:-1]]) if oc.size else np.zeros(0, np.int64)
+        stops = np.r_[starts[1:], oc.size].astype(np.int64)
+        self.xp, self.lpt, self.orient_class = xp, lpt, orient_class
+        self.runs = [(int(oc[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+        self.used = self.lpt[:, np.unique(oc), :] if oc.size else self.lpt[:, :0, :]
+
+    def finite(self) -> Any:
+        """Where the prior is finite, shape (N_i, N_r, N_t) (the slow path only)."""
+        return self.xp.isfinite(self.lpt[:, self.xp.asarray(self.orient_class), :])
+
+    def add_to(self, lw: Any) -> None:
+        for c, a, b in self.runs:
+            lw[:, a:b, :] += self.lpt[:, c, None, :]
+
+
+def _all_finite(xp: Any, q: Any) -> bool:
+    return bool(xp.isfinite(q.used if isinstance(q, _PerClassPrior) else q).all())
+
+
 def _log_prior_parts(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any, log_prior_trans: Any,
                      orient_class: Any, dtype: Any) -> list[Array]:
     """The log priors as arrays broadcastable to (N_i, N_r, N_t), kept small where possible."""
@@ -650,7 +687,7 @@ def _log_prior_parts(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any
         elif lpt.ndim == 3 and lpt.shape[0] == n_i and lpt.shape[2] == n_t:
             if orient_class is None:
                 raise ValueError("a per-class log_prior_trans (N_i, C, N_t) needs orient_class")
-            parts.append(lpt[:, xp.asarray(orient_class), :])
+            parts.append(_PerClassPrior(xp, lpt, orient_class))
         else:
             raise ValueError(f"log_prior_trans: expected ({n_t},), ({n_i}, {n_t}) or ({n_i}, C, {n_t}), "
                              f"got {tuple(lpt.shape)}")
@@ -699,18 +736,26 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
     n_i, n_r, n_t = (int(s) for s in diff2.shape)
     dt = diff2.dtype
     parts = _log_prior_parts(xp, (n_i, n_r, n_t), log_prior_orient, log_prior_trans, orient_class, dt)
+    if xp is np and dt == np.float32 and mode == "ml":
+        return _posterior_compiled(diff2, log_prior_orient, log_prior_trans, orient_class, adaptive_fraction,
+                                   maxsig, diff2_offset, logsigma2)
     flat2 = diff2.reshape(n_i, -1)
     lo, hi = flat2.min(axis=1), flat2.max(axis=1)
     # Fast path (no masks): every diff2 finite and every prior non-zero. min/max propagate NaN.
-    fast = bool(xp.isfinite(lo).all() and xp.isfinite(hi).all()) and all(bool(xp.isfinite(q).all()) for q in parts)
+    fast = bool(xp.isfinite(lo).all() and xp.isfinite(hi).all()) and all(_all_finite(xp, q) for q in parts)
     if fast:
         valid, d, min_rel = None, diff2, lo
     else:
         valid = xp.isfinite(diff2)
         for q in parts:
-            valid &= xp.isfinite(q)
-        d = xp.where(valid, diff2, xp.inf)
-        min_rel = d.reshape(n_i, -1).min(axis=1)
+            if not _all_finite(xp, q):
+                valid &= q.finite() if isinstance(q, _PerClassPrior) else xp.isfinite(q)
+        if xp is np and mode == "ml":  # no masked copy of diff2: the invalid samples get -inf log-weights below
+            d = diff2
+            min_rel = np.min(flat2, axis=1, where=valid.reshape(n_i, -1), initial=np.inf)
+        else:
+            d = xp.where(valid, diff2, xp.inf)
+            min_rel = d.reshape(n_i, -1).min(axis=1)
     failed = ~xp.isfinite(min_rel)
     offset = xp.zeros(n_i, dtype=np.float64) if diff2_offset is None else xp.asarray(diff2_offset, dtype=np.float64)
     min_diff2 = min_rel.astype(np.float64) + offset
@@ -735,13 +780,18 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
 
     # lw = log prior − (diff2 − min diff2), built in one diff2-sized array (they dominate a chunk's memory).
     lw = xp.empty(diff2.shape, dtype=dt)
-    xp.subtract((parts[0] + safe_min) if parts else safe_min, d, out=lw)
-    for q in parts[1:]:
+    dense = [q for q in parts if not isinstance(q, _PerClassPrior)]
+    xp.subtract((dense[0] + safe_min) if dense else safe_min, d, out=lw)
+    for q in dense[1:]:
         lw += q
+    for q in parts:
+        if isinstance(q, _PerClassPrior):
+            q.add_to(lw)
     # RELION's cut: weight 0 where diff2 − min > 700. In float32 exp underflows long before that,
     # unless the priors span hundreds of log units, so the (two-pass) mask is skipped then.
     span = 0.0
     for q in parts:
+        q = q.used if isinstance(q, _PerClassPrior) else q
         qf = q[xp.isfinite(q)]
         if qf.size:
             span += float(qf.max() - qf.min())
@@ -767,6 +817,44 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
     flat = w.reshape(n_i, -1)
     best = xp.argmax(flat, axis=1)
     pmax = flat[xp.arange(n_i), best].astype(np.float64)
+    return Posterior(weights=w, significant=sig, significant_weight=thr, n_significant=n_sig, pmax=pmax,
+                     best_orientation=best // n_t, best_translation=best % n_t, min_diff2=min_diff2,
+                     log_sum_weight=log_sum, log_likelihood=ll, failed=failed)
+
+
+def _posterior_compiled(diff2: np.ndarray, log_prior_orient: Any, log_prior_trans: Any, orient_class: Any,
+                        adaptive_fraction: float, maxsig: int, diff2_offset: Any, logsigma2: Any) -> Posterior:
+    """:func:`posterior_weights` for float32 NumPy arrays (mode "ml") in two compiled passes over
+    ``diff2`` (:func:`cryodask.em.kernels.posterior_exp`), the priors kept in their compact forms."""
+    from cryodask.em.kernels import posterior_exp
+
+    n_i, n_r, n_t = diff2.shape
+    lpo = np.zeros((1, n_r)) if log_prior_orient is None else np.asarray(log_prior_orient, np.float64)
+    lpo = lpo.reshape(-1, n_r)
+    cls = np.zeros(n_r, np.int64)
+    if log_prior_trans is None:
+        lpt = np.zeros((1, 1, n_t))
+    else:
+        lpt = np.asarray(log_prior_trans, np.float64)
+        if lpt.ndim == 3:
+            cls = np.asarray(orient_class, np.int64)
+        else:
+            lpt = lpt.reshape(-1, 1, n_t)
+    w, min_rel, top, s = posterior_exp(diff2, lpo, lpt, cls, MAX_EXPONENT)
+    failed = ~(s > 0)
+    offset = np.zeros(n_i) if diff2_offset is None else np.asarray(diff2_offset, np.float64)
+    min_diff2 = min_rel + offset
+    s = np.where(failed, 1.0, s)
+    w *= (1.0 / s).astype(np.float32)[:, None, None]
+    w[failed] = 0
+    log_sum = np.where(failed, 0.0, top) + np.log(s)
+    ll = log_sum - min_diff2
+    if logsigma2 is not None:
+        ll = ll - np.asarray(logsigma2, np.float64)
+    sig, n_sig, thr = significant_coarse(w, adaptive_fraction, maxsig)
+    flat = w.reshape(n_i, -1)
+    best = np.argmax(flat, axis=1)
+    pmax = flat[np.arange(n_i), best].astype(np.float64)
     return Posterior(weights=w, significant=sig, significant_weight=thr, n_significant=n_sig, pmax=pmax,
                      best_orientation=best // n_t, best_translation=best % n_t, min_diff2=min_diff2,
                      log_sum_weight=log_sum, log_likelihood=ll, failed=failed)
@@ -905,11 +993,17 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
 
     # noise / scale / norm sums: expected projection per (i, t), then per-pixel products
     Q = _complex_view(Wmat.T @ _real_view(Pa))  # (n_cols, K) = Σ_r w_irt P_r
-    Xm_c = Xm[cols]
     sc = s * ctf
-    XA = sc * _segment_sum(Xm_c.real * Q.real + Xm_c.imag * Q.imag, pid, n_i)
+    if xp is np:  # compiled: read the images in place, sum in float64
+        from cryodask.em.kernels import image_products
+
+        XA, XX = image_products(Xm, cols, pid, Q, trans_w.reshape(-1)[cols], n_i)
+        XA, XX = sc * XA.astype(rdt), XX.astype(rdt)
+    else:
+        Xm_c = Xm[cols]
+        XA = sc * _segment_sum(Xm_c.real * Q.real + Xm_c.imag * Q.imag, pid, n_i)
+        XX = _segment_sum(trans_w.reshape(-1)[cols][:, None] * _abs2(Xm_c), pid, n_i)
     AA = sc * sc * (W_ir @ _abs2(Pa))
-    XX = _segment_sum(trans_w.reshape(-1)[cols][:, None] * _abs2(Xm_c), pid, n_i)
     wd = XX - 2 * XA + AA  # (N_i, K)
 
     if group is None:

@@ -259,9 +259,10 @@ def test_exponent_above_700_gives_zero_weight():
     assert post.failed.all() and (post.weights == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])  # float32: the compiled kernel
 @pytest.mark.parametrize("fraction", [0.999, 0.9, 0.5, 1.0, 1 - 1e-15])
 @pytest.mark.parametrize("maxsig", [-1, 1, 3, 40])
-def test_significance_matches_relion_rule(rng, fraction, maxsig):
+def test_significance_matches_relion_rule(rng, fraction, maxsig, dtype):
     n, m = 6, 300
     w = np.empty((n, m))
     w[0] = np.exp(-rng.uniform(0, 30, m))  # peaked
@@ -272,16 +273,17 @@ def test_significance_matches_relion_rule(rng, fraction, maxsig):
     w[4] = np.exp(-rng.uniform(0, 3, m)) * (rng.uniform(size=m) < 0.2)  # mostly zeros
     w[5] = 1.0 / m  # all equal
     w /= np.maximum(w.sum(1, keepdims=True), 1e-300)
-    w3 = w.reshape(n, 20, 15)
+    w3 = w.reshape(n, 20, 15).astype(dtype)
     mask, nsig, thr = significant_coarse(w3, fraction, maxsig)
-    rmask, rnsig, rthr = reference_significance(w3, fraction, maxsig)
+    rmask, rnsig, rthr = reference_significance(w3.astype(np.float64), fraction, maxsig)
     np.testing.assert_array_equal(nsig, rnsig)
     np.testing.assert_array_equal(thr, rthr)
     np.testing.assert_array_equal(mask, rmask)
     assert mask[3].sum() == 1 and nsig[3] == 1
     if maxsig == -1 and fraction < 1:
-        kept = (w3 * mask).sum(axis=(1, 2))
-        assert (kept > fraction - 1e-12).all()
+        w64 = w3.astype(np.float64)
+        kept = (w64 * mask).sum(axis=(1, 2))
+        assert (kept > fraction * w64.sum(axis=(1, 2)) - 1e-12).all()
     if fraction == 1.0 and maxsig == -1:
         np.testing.assert_array_equal(mask, w3 > 0)
 
@@ -301,6 +303,46 @@ def test_significance_on_peaked_rows_gathers_candidates(rng, maxsig):
     np.testing.assert_array_equal(nsig, rnsig)
     np.testing.assert_array_equal(mask, rmask)
     np.testing.assert_allclose(thr, rthr, rtol=1e-6)
+
+
+@pytest.mark.parametrize("prior_form", ["none", "shared", "per_particle", "per_class", "wide"])
+def test_compiled_float32_posterior_matches_the_float64_path(rng, prior_form):
+    # float32 NumPy diff2 goes through the compiled kernel; float64 through the array expressions
+    n_i, n_c, n_r1, n_t = 5, 3, 8, 6
+    n_r = n_c * n_r1
+    d2 = rng.uniform(0, 40, size=(n_i, n_r, n_t))
+    d2[0, :, 2] = np.inf  # samples not evaluated (a fine pass)
+    d2[3] = np.inf  # a particle with nothing evaluated
+    orient_class = np.repeat(np.arange(n_c), n_r1)
+    lpo = lpt = None
+    if prior_form == "shared":
+        lpo, lpt = rng.normal(size=n_r), -rng.uniform(0, 3, n_t)
+    elif prior_form == "per_particle":
+        lpo = rng.normal(size=(n_i, n_r))
+        lpo[1, :5] = -np.inf  # outside a local search
+        lpt = -rng.uniform(0, 3, (n_i, n_t))
+    elif prior_form in ("per_class", "wide"):
+        lpo = np.log(rng.uniform(0.1, 1, n_r))
+        lpt = -rng.uniform(0, 3, (n_i, n_c, n_t))
+        if prior_form == "wide":  # priors over 700 log units: RELION's cut at diff2 − min > 700 matters
+            d2[2, n_r1:2 * n_r1, :] = rng.uniform(750, 800, size=(n_r1, n_t))  # class 1: all beyond the cut
+            lpt[2, 1, :] = 1500.0  # but the prior would make them the best
+    kw = dict(log_prior_orient=lpo, log_prior_trans=lpt, orient_class=orient_class, adaptive_fraction=0.99,
+              diff2_offset=rng.uniform(0, 5, n_i), logsigma2=rng.uniform(0, 1, n_i))
+    ref = posterior_weights(d2, **kw)
+    got = posterior_weights(d2.astype(np.float32), **kw)
+    assert got.weights.dtype == np.float32
+    np.testing.assert_allclose(got.weights, ref.weights, rtol=2e-4, atol=1e-7)
+    np.testing.assert_array_equal(got.failed, ref.failed)
+    ok = ~ref.failed
+    np.testing.assert_allclose(got.min_diff2[ok], ref.min_diff2[ok], rtol=1e-6)
+    np.testing.assert_allclose(got.log_likelihood[ok], ref.log_likelihood[ok], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got.best_orientation[ok], ref.best_orientation[ok])
+    np.testing.assert_array_equal(got.n_significant, ref.n_significant)
+    assert (got.weights[3] == 0).all() and got.failed[3]
+    if prior_form == "wide":  # the cut leaves the samples 700 beyond the minimum at 0 although their prior is high
+        cut = d2[2] - d2[2].min() > 700
+        assert (got.weights[2][cut] == 0).all() and got.weights[2][~cut].sum() == pytest.approx(1, rel=1e-5)
 
 
 def test_significance_on_float32_posterior_is_stable(rng):
