@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +251,49 @@ def load_projector(path: str, *, pad: float, r_max: float) -> Any:
     while len(_PROJECTORS) > _MAX_CACHED:
         _PROJECTORS.popitem(last=False)
     return proj
+
+
+# the coarse projections of a global search: every chunk task of an iteration on a worker needs the same
+# ones (all orientations of the grid, at the coarse size), so they are made once per worker and reference
+_COARSE: OrderedDict = OrderedDict()
+_COARSE_LOCK = threading.Lock()
+
+
+def coarse_projections(path: str, proj: Any, mats: np.ndarray, kx: np.ndarray, ky: np.ndarray, *,
+                       keep: int) -> Any:
+    """``proj.sample(mats, kx, ky)`` for the map at ``path``, cached per process (read-only).
+
+    The key is the map file (path, mtime, size), the projector's padding and radius, and the
+    orientations and pixels themselves; at most ``keep`` entries stay (one per reference of the job:
+    both half-sets, or every class), so a worker holds one iteration's coarse projections.
+    """
+    import hashlib
+
+    st = os.stat(path)
+    h = hashlib.blake2b(digest_size=16)
+    for a in (mats, kx, ky):
+        h.update(np.ascontiguousarray(a).tobytes())
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, float(proj.pad), float(proj.r_max), h.hexdigest())
+    with _COARSE_LOCK:
+        if key in _COARSE:
+            _COARSE.move_to_end(key)
+            return _COARSE[key]
+    P = proj.sample(mats, kx, ky)
+    if isinstance(P, np.ndarray):
+        P.flags.writeable = False
+    with _COARSE_LOCK:
+        _COARSE[key] = P
+        while len(_COARSE) > max(1, keep):
+            _COARSE.popitem(last=False)
+    return P
+
+
+def retain_coarse_projections(paths: Sequence[str]) -> None:
+    """Drop the cached coarse projections of maps other than ``paths`` (an earlier iteration's or job's)."""
+    keep = {os.path.abspath(p) for p in paths}
+    with _COARSE_LOCK:
+        for key in [k for k in _COARSE if k[0] not in keep]:
+            del _COARSE[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +541,7 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     from cryodask.em.state import iteration_rng
     from cryodask.ops.backproject import BackProjector
 
+    retain_coarse_projections([] if setup.local_searches else setup.reference_paths)
     images = np.asarray(images, dtype=np.float32)
     n = len(images)
     box = setup.box
@@ -587,7 +633,8 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
             bs = setup.batch_size if setup.batch_size > 0 else len(sel)
             batches = [sel[s:s + bs] for s in range(0, len(sel), bs)]
             mats_c = sampling.orientations().matrices(np.float32)
-            P_c = [proj.sample(mats_c, kx_c, ky_c) for proj in projs]
+            P_c = [coarse_projections(setup.reference_paths[k], proj, mats_c, kx_c, ky_c, keep=n_refs)
+                   for k, proj in zip(refs, projs, strict=True)]
         for b in batches:
             ob = meta.optics[b]
             kw = dict(Xc=M[b][:, flat_c], Xf=M[b][:, flat_f], Xu=U[b][:, flat_f], ctf_c=C[b][:, flat_c],

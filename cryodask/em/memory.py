@@ -297,7 +297,9 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     per_ref_image = 1 if ndim == 3 else 1
     projectors = n_refs * (v_proj + v_proj_c) * 8 * per_ref_image
     accumulators = n_refs * v_bp * 12
-    projections_c = n_scored * n_rc * kc * 8  # coarse projections of every class
+    # coarse projections of every class; in 3D they stay cached on the worker for every reference (both
+    # half-sets in refine3d: iteration.coarse_projections)
+    projections_c = (n_refs if ndim == 3 else n_scored) * n_rc * kc * 8
     projections_f = rows_f * kf * 8
     ramps = (n_tc * kc + 2 * n_tf * kf) * 8  # + the float64 phase of the fine ramps
     build = _BUILD_BYTES_PER_PADDED_VOXEL * v_pad // (1 if ndim == 3 else 1)

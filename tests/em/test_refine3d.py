@@ -254,3 +254,36 @@ def test_refused_before_starting_when_a_worker_cannot_hold_the_job(small, tmp_pa
                      **{**COMMON, "pool": None})
     assert "--pad 1" in str(e.value) and "more memory" in str(e.value)
     assert not list(tmp_path.glob("run_it*"))
+
+
+def test_coarse_projections_are_made_once_per_worker_and_reference(tmp_path):
+    """A global search's chunk tasks share one reference's coarse projections (cached per process), and a
+    changed map, grid or pixel set, or another iteration's references, make new ones."""
+    from cryodask.em import iteration
+    from cryodask.geometry.healpix import healpix_sampling
+    from cryodask.ops.project import slice_pixels
+
+    vol = phantom(BOX, seed=3).astype(np.float32)
+    paths = [tmp_path / "half1.mrc", tmp_path / "half2.mrc"]
+    for p, v in zip(paths, (vol, 0.5 * vol), strict=True):
+        write_map(p, v, APIX)
+    _, kx, ky = slice_pixels(BOX, 6.0)
+    mats = healpix_sampling(1, psi_step=30.0).orientations().matrices(np.float32)
+    projs = [iteration.load_projector(str(p), pad=2, r_max=8.0) for p in paths]
+    iteration.retain_coarse_projections([])
+    first = [iteration.coarse_projections(str(p), q, mats, kx, ky, keep=2) for p, q in zip(paths, projs, strict=True)]
+    again = [iteration.coarse_projections(str(p), q, mats, kx, ky, keep=2) for p, q in zip(paths, projs, strict=True)]
+    assert all(a is b for a, b in zip(first, again, strict=True))  # both halves stay cached
+    np.testing.assert_array_equal(first[0], projs[0].sample(mats, kx, ky))
+    np.testing.assert_allclose(first[1], 0.5 * first[0], rtol=1e-5, atol=1e-6)
+    assert not first[0].flags.writeable  # shared between tasks: nobody may change it
+    other = iteration.coarse_projections(str(paths[0]), projs[0], mats[::-1].copy(), kx, ky, keep=2)
+    assert other is not first[0] and np.array_equal(other, first[0][::-1])
+    write_map(paths[0], 2 * vol, APIX)  # the next iteration's map under the same name
+    newer = iteration.coarse_projections(str(paths[0]), iteration.load_projector(str(paths[0]), pad=2, r_max=8.0),
+                                         mats, kx, ky, keep=2)
+    np.testing.assert_allclose(newer, 2 * first[0], rtol=1e-5, atol=1e-6)
+    iteration.retain_coarse_projections([str(paths[1])])  # local searches or another job: the rest goes
+    assert all(k[0] == str(paths[1].resolve()) for k in iteration._COARSE)
+    iteration.retain_coarse_projections([])
+    assert not iteration._COARSE
