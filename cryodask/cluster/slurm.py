@@ -143,8 +143,8 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
     prologue = [str(x) for x in (dask.config.get(P + "job-script-prologue") or [])]
     sections = "".join(f"the cluster configuration's {', '.join(sorted(spec.worker_config))} sections and "
                        for _ in [0] if spec.worker_config)
-    prologue.append(f"# {sections}the malloc settings for the workers (base64 JSON)")
-    prologue.append(f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(_with_malloc(spec.worker_config))}")
+    prologue.append(f"# {sections}the memory settings for the workers (base64 JSON)")
+    prologue.append(f"export DASK_INTERNAL_INHERIT_CONFIG={dask.config.serialize(_with_memory_environ(spec.worker_config))}")
     kwargs["job_script_prologue"] = prologue
     wargs = [str(a) for a in (dask.config.get(P + "worker-extra-args") or [])]
     kwargs["worker_extra_args"] = _gpu_worker_args(spec, wargs + walltime_lifetime_args(wargs))
@@ -157,14 +157,14 @@ def slurm_kwargs(spec: ClusterSpec, *, job_name: str | None = None, log_director
     return kwargs
 
 
-def _with_malloc(worker_config: dict[str, Any]) -> dict[str, Any]:
-    """``worker_config`` with :data:`cryodask.cluster.local.MALLOC_ENVIRON` added to the nanny's
+def _with_memory_environ(worker_config: dict[str, Any]) -> dict[str, Any]:
+    """``worker_config`` with :data:`cryodask.cluster.local.MEMORY_ENVIRON` added to the nanny's
     pre-spawn environment, where the file does not set those variables itself."""
-    from cryodask.cluster.local import MALLOC_ENVIRON
+    from cryodask.cluster.local import MEMORY_ENVIRON
 
     out = copy.deepcopy(dict(worker_config))
     env = out.setdefault("distributed", {}).setdefault("nanny", {}).setdefault("pre-spawn-environ", {})
-    for k, v in MALLOC_ENVIRON.items():
+    for k, v in MEMORY_ENVIRON.items():
         env.setdefault(k, v)
     return out
 

@@ -7,11 +7,11 @@ import resource
 
 import numpy as np
 
-from cryodask.cluster.local import MALLOC_ENVIRON, local_client
+from cryodask.cluster.local import MEMORY_ENVIRON, local_client
 
 
 def _environ() -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in (*MALLOC_ENVIRON, "OPENBLAS_NUM_THREADS")}
+    return {k: os.environ.get(k) for k in (*MEMORY_ENVIRON, "OPENBLAS_NUM_THREADS")}
 
 
 def _refault_pages(n_bytes: int) -> int:
@@ -30,7 +30,7 @@ def test_workers_keep_freed_memory_for_the_next_array():
         env = next(iter(client.run(_environ).values()))
         # in a worker's task thread, as a chunk task runs
         faults = client.submit(_refault_pages, 200 << 20, pure=False).result()
-    assert env == {**MALLOC_ENVIRON, "OPENBLAS_NUM_THREADS": "1"}
+    assert env == {**MEMORY_ENVIRON, "OPENBLAS_NUM_THREADS": "1"}
     # glibc's default maps a fresh 200 MB array each time and its pages fault again: 101 with NumPy's
     # transparent huge pages (2 MiB), 51,200 without; kept heap memory faults 0 times
     assert faults < 20, faults
