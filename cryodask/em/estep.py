@@ -980,14 +980,21 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     pid = cols // n_t
     n_act = int(act.shape[0])
 
-    Wa = w[:, act, :]  # (N_i, n, N_t)
-    Wmat = xp.ascontiguousarray(Wa.transpose(1, 0, 2).reshape(n_act, n_i * n_t)[:, cols])
-    W_ir = Wa.sum(axis=2)  # (N_i, n)
     Pa = xp.ascontiguousarray(P[act])
+    f = xp.broadcast_to(s * ctf * isg, (n_i, k))
+    if xp is np:  # compiled gathers: no transposed or gathered copies of the weights and images
+        from cryodask.em.kernels import scaled_rows, weight_matrix
+
+        Wmat = weight_matrix(w, act, cols)  # (n, n_cols)
+        W_ir = w.sum(axis=2)[:, act]  # (N_i, n)
+        Y = scaled_rows(X, cols, pid, f)
+    else:
+        Wa = w[:, act, :]  # (N_i, n, N_t)
+        Wmat = xp.ascontiguousarray(Wa.transpose(1, 0, 2).reshape(n_act, n_i * n_t)[:, cols])
+        W_ir = Wa.sum(axis=2)  # (N_i, n)
+        Y = X[cols] * f[pid]
 
     # backprojection slices
-    f = xp.broadcast_to(s * ctf * isg, (n_i, k))
-    Y = X[cols] * f[pid]
     data = _complex_view(Wmat @ _real_view(Y))
     weight = W_ir.T @ xp.broadcast_to(s * s * ctf * ctf * isg, (n_i, k))
 
@@ -1083,6 +1090,30 @@ class TwoPassResult:
         return self.fine.weights[:, fc.start:fc.stop, :], self.fine.significant[:, fc.start:fc.stop, :]
 
 
+#: classes' projections up to this size are stacked and scored in one GEMM (wider, so faster: measured
+#: 1.4x for 10 classes of 72 orientations); larger ones are scored class by class, without a copy
+STACK_PROJECTION_BYTES = 1 << 26
+
+
+def _score_classes(terms: ScoringTerms, projections: list[Any], diff2: Any, starts: list[int],
+                   block_bytes: int) -> None:
+    """``diff2[:, start_c:start_c + n_c, :]`` = the scores of class ``c``'s projections (consecutive blocks)."""
+    xp = array_module(diff2)
+    parts = [(P, a) for P, a in zip(projections, starts, strict=True) if int(P.shape[0])]
+    if not parts:
+        return
+    total = sum(int(P.shape[0]) * int(P.shape[1]) * P.dtype.itemsize for P, _ in parts)
+    contiguous = all(a + int(P.shape[0]) == b for (P, a), (_, b) in zip(parts, parts[1:]))
+    if len(parts) > 1 and contiguous and total <= STACK_PROJECTION_BYTES:
+        a0 = parts[0][1]
+        stacked = xp.concatenate([P for P, _ in parts])
+        score_terms(terms, stacked, include_constant=False, out=diff2[:, a0:a0 + int(stacked.shape[0]), :],
+                    block_bytes=block_bytes)
+        return
+    for P, a in parts:
+        score_terms(terms, P, include_constant=False, out=diff2[:, a:a + int(P.shape[0]), :], block_bytes=block_bytes)
+
+
 def _class_priors(xp: Any, lp: Any, n_i: int, n_class: int, n_orient: int) -> Any:
     if lp is None:
         return None
@@ -1164,9 +1195,7 @@ def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: S
     orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
     lpo = _class_priors(xp, log_prior_orient, n_i, n_class, n_rc)
     diff2 = xp.empty((n_i, n_class * n_rc, n_tc), dtype=rdt)
-    for c, Pc in enumerate(coarse_projections):
-        score_terms(coarse, Pc, include_constant=False, out=diff2[:, c * n_rc:(c + 1) * n_rc, :],
-                    block_bytes=block_bytes)
+    _score_classes(coarse, list(coarse_projections), diff2, [c * n_rc for c in range(n_class)], block_bytes)
     post_c = posterior_weights(diff2, log_prior_orient=lpo, log_prior_trans=log_prior_trans,
                                orient_class=orient_class_c, adaptive_fraction=adaptive_fraction,
                                maxsig=maxsig, mode=coarse.mode, diff2_offset=coarse.constant,
@@ -1199,10 +1228,7 @@ def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[
         classes.append(FineClass(class_index=c, orientations=orient, projections=proj, start=start))
         start += int(orient.shape[0])
     diff2 = xp.empty((n_i, start, int(fine_t.shape[0])), dtype=rdt)
-    for fc in classes:
-        if fc.stop > fc.start:
-            score_terms(fine_sub, fc.projections, include_constant=False,
-                        out=diff2[:, fc.start:fc.stop, :], block_bytes=block_bytes)
+    _score_classes(fine_sub, [fc.projections for fc in classes], diff2, [fc.start for fc in classes], block_bytes)
     parent = sig[:, rows, :][:, :, tcs]
     valid = xp.repeat(xp.repeat(parent, n_over_rot, axis=1), n_over_trans, axis=2)
     diff2[~valid] = xp.inf

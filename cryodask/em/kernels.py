@@ -208,3 +208,39 @@ def posterior_exp(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.n
                     np.ascontiguousarray(lpt, np.float64), np.asarray(cls, np.int64), float(max_exponent),
                     w, min_rel, top, total)
     return w, min_rel, top, total
+
+
+@njit(cache=True, nogil=True)
+def _weight_matrix(w, act, cols, out):
+    n_t = w.shape[2]
+    for a in range(act.shape[0]):
+        r = act[a]
+        for c in range(cols.shape[0]):
+            i = cols[c] // n_t
+            out[a, c] = w[i, r, cols[c] - i * n_t]
+
+
+def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``out[a, c] = w[i, act[a], t]`` for the (particle, translation) rows ``cols[c] = i·N_t + t`` of
+    ``w`` (N_i, N_r, N_t): the M-step's weight matrix, without the transposed copies."""
+    out = np.empty((len(act), len(cols)), w.dtype)
+    _weight_matrix(np.ascontiguousarray(w), np.asarray(act, np.int64), np.asarray(cols, np.int64), out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _scaled_rows(X, cols, pid, f, out):
+    k = X.shape[1]
+    for c in range(cols.shape[0]):
+        row = cols[c]
+        i = pid[c]
+        for p in range(k):
+            out[c, p] = X[row, p] * f[i, p]
+
+
+def scaled_rows(X: np.ndarray, cols: np.ndarray, pid: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``X[cols] * f[pid]`` in one pass (the images to backproject, times CTF/σ² per particle)."""
+    out = np.empty((len(cols), X.shape[1]), X.dtype)
+    _scaled_rows(np.ascontiguousarray(X), np.asarray(cols, np.int64), np.asarray(pid, np.int64),
+                 np.ascontiguousarray(f, dtype=X.real.dtype), out)
+    return out
