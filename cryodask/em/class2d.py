@@ -17,10 +17,11 @@ Each iteration is one Dask graph (DESIGN §3):
 * on the driver: σ² per optics group, class fractions, per-class prior offsets, σ_offset,
   the resolution (last shell with SSNR ≥ 1 over the classes) and the next image size.
 
-Initialisation follows RELION without ``--ref``: every reference starts as the average
-of all (masked) particles, and in the first iteration each particle is given to one
-random class (``do_generate_seeds``), aligned against that average; the first class
-averages are therefore averages of random subsets.
+Initialisation follows RELION 3 without ``--ref`` (``calculateSumOfPowerSpectraAndAverageImage``):
+each particle goes to a random class at a random in-plane angle, and each class starts as the
+CTF-weighted average (data/weight, no prior) of its random subset, band-limited to ``0.07·box``
+shells; iteration 1's image size follows from those references' SSNR
+(``initialiseDataVersusPrior``).
 
 The search is RELION's adaptive oversampling (``--oversampling`` ≥ 1, the default 1): a coarse
 pass at ``coarse_size`` (resolution ``(psi_step/360)·π·D/1.5``, RELION's 2D rule) over psi steps of
@@ -28,9 +29,8 @@ pass at ``coarse_size`` (resolution ``(psi_step/360)·π·D/1.5``, RELION's 2D r
 children of the significant samples (psi step / 2^os, offset step / 2^os) at ``current_size``
 (:func:`cryodask.em.estep.score_two_pass`). ``--oversampling 0`` scores the coarse grid only.
 
-Simplifications (to be lifted): no norm / scale correction; no ``--continue`` yet; the sampling
-grid is not randomly perturbed; the initial σ² uses every particle (RELION: the first 1000 per
-optics group).
+Simplifications (to be lifted): the sampling grid is not randomly perturbed; the initial σ² uses
+every particle (RELION: the first 1000 per optics group).
 
 References reach the chunk tasks as the ``_classes.mrcs`` file of the previous
 iteration (read and turned into a projector once per worker process), never embedded
@@ -140,7 +140,6 @@ class Class2DSetup:
     zero_mask: bool = False
     do_ctf: bool = False
     random_seed: int = 0
-    generate_seeds: bool = False  # first iteration: one random class per particle
     adaptive_fraction: float = 0.999
     do_norm: bool = False  # --norm: images × avg_norm/rlnNormCorrection; new per-particle values returned
     avg_norm: float = 1.0
@@ -158,7 +157,8 @@ class ChunkInput:
     n_optics: int
     ctf: dict[str, np.ndarray] | None = None
     premultiplied: np.ndarray | None = None
-    seed_class: np.ndarray | None = None  # (n,) 0-based, first iteration only
+    seed_class: np.ndarray | None = None  # (n,) 0-based random class of the initial references
+    seed_psi: np.ndarray | None = None  # (n,) random in-plane angle (degrees) of the initial references
     norm: np.ndarray | None = None  # (n,) rlnNormCorrection (None: 1)
     group: np.ndarray | None = None  # (n,) 0-based scale group (rlnGroupNumber − 1; None: the optics group)
 
@@ -289,16 +289,31 @@ def _ctf_of(inp: ChunkInput, box: int, pixel_size: float, do_ctf: bool) -> np.nd
     return np.asarray(c, np.float32)
 
 
+#: RELION 3's initial 2D references are band-limited to this fraction of the box (in shells)
+INITIAL_BAND = 0.07
+
+
+def initial_r_max(box: int) -> int:
+    """Radius (shells) of the initial references' accumulators: ``round(0.07·box)``, at least 1."""
+    return max(1, int(round(INITIAL_BAND * box)))
+
+
 def initial_chunk(images: np.ndarray, inp: ChunkInput, *, pixel_size: float, particle_diameter: float,
-                  width_mask_edge: int, zero_mask: bool, random_seed: int) -> dict[str, Any]:
-    """Sums for the initial noise spectrum and the average image (RELION's
-    ``calculateSumOfPowerSpectraAndAverageImage``): per optics group Σ|X|² per shell and ΣX, and Σ masked image."""
+                  width_mask_edge: int, zero_mask: bool, random_seed: int, n_classes: int, pad: float,
+                  do_ctf: bool) -> dict[str, Any]:
+    """Sums for the initial noise spectrum and references (RELION's ``calculateSumOfPowerSpectraAndAverageImage``).
+
+    Per optics group Σ|X|² per shell and ΣX of the masked images; and per class the accumulators
+    of its random subset (``inp.seed_class``) inserted at random in-plane angles (``inp.seed_psi``),
+    CTF-weighted (data Σ CTF·X, weight Σ CTF²) up to :func:`initial_r_max` shells.
+    """
     from cryodask.em.state import iteration_rng
+    from cryodask.ops.backproject import BackProjector
 
     box = images.shape[-1]
     rng = iteration_rng(random_seed, 0, 1000 + inp.chunk)
-    _, mft = prepare_images(images, inp.origins_px, pixel_size=pixel_size, particle_diameter=particle_diameter,
-                            width_mask_edge=width_mask_edge, zero_mask=zero_mask, rng=rng)
+    ft, mft = prepare_images(images, inp.origins_px, pixel_size=pixel_size, particle_diameter=particle_diameter,
+                             width_mask_edge=width_mask_edge, zero_mask=zero_mask, rng=rng)
     shell, _ = _half_pixels(box)
     nsh = box // 2 + 1
     flat = mft.reshape(len(mft), -1)
@@ -313,8 +328,17 @@ def initial_chunk(images: np.ndarray, inp: ChunkInput, *, pixel_size: float, par
             power[g] = np.bincount(shell[ok], weights=p2[sel][:, ok].sum(axis=0), minlength=nsh)[:nsh]
             sum_ft[g] = flat[sel].sum(axis=0)
             count[g] = sel.sum()
-    real = np.fft.fftshift(backend.irfftn(mft, (box, box), axes=(-2, -1)), axes=(-2, -1))
-    return {"power": power, "sum_ft": sum_ft, "count": count, "sum_image": real.sum(axis=0)}
+    # the initial references: RELION masks the images only with --zero_mask here
+    ctf = _ctf_of(inp, box, pixel_size, do_ctf)
+    x = (mft if zero_mask else ft) * ctf
+    bps = [BackProjector.zeros(box, pad=pad, r_max=initial_r_max(box), ndim=2) for _ in range(n_classes)]
+    for k in range(n_classes):
+        sel = np.flatnonzero(np.asarray(inp.seed_class) == k)
+        if len(sel):
+            bps[k].insert(x[sel].astype(np.complex64), np.asarray(inp.seed_psi, np.float64)[sel],
+                          weights=(ctf[sel] ** 2).astype(np.float32))
+    return {"power": power, "sum_ft": sum_ft, "count": count,
+            "ref_data": np.stack([b.data for b in bps]), "ref_weight": np.stack([b.weight for b in bps])}
 
 
 def _add_dicts(*parts: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +468,7 @@ def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
 
 
 def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray, n_optics: int,
-                       seed_class: np.ndarray | None, old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
+                       old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
                        bps: list[Any], acc: dict[str, Any], group: np.ndarray) -> dict[str, np.ndarray]:
     """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
     from cryodask.em.estep import mstep_sums, precompute_shifted
@@ -453,13 +477,9 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
     nsh = box // 2 + 1
     px = _pixels(box, setup.current_size / 2.0, ft, mft, ctf_full, setup.sigma2_noise, optics)
-    # first iteration: every reference is the average; one random class per particle (RELION's seeds)
-    seeds = setup.generate_seeds
-    n_score = 1 if seeds else K
-    lpo = None
-    if not seeds:
-        with np.errstate(divide="ignore"):
-            lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
+    n_score = K
+    with np.errstate(divide="ignore"):
+        lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
     if setup.oversampling > 0:
         s = _two_pass(setup, ft, mft, ctf_full, optics, px, old, n_score, lpo)
     else:
@@ -468,7 +488,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         bad = index[np.flatnonzero(s["failed"])[0]] + 1
         raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
                                            "pixel size, --particle_diameter and the CTF parameters")
-    best_class = np.asarray(seed_class, np.int64) if seeds else np.asarray(s["best_class"], np.int64)
+    best_class = np.asarray(s["best_class"], np.int64)
 
     T = s["T"]
     n_t = len(T)
@@ -480,13 +500,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     half_shape = (box, box // 2 + 1)
     batch_groups, local_group = np.unique(group, return_inverse=True)  # the batch's scale groups
     for k in range(K):
-        if seeds:
-            w, sig, Pk, psi_k = s["blocks"][0]
-            sel = (best_class == k)[:, None, None]
-            w = np.where(sel, w, 0).astype(w.dtype)
-            sig = sig & sel
-        else:
-            w, sig, Pk, psi_k = s["blocks"][k]
+        w, sig, Pk, psi_k = s["blocks"][k]
         if w.shape[1] == 0 or not bool((w * sig).any()):
             continue
         sums = mstep_sums(w, Xu_s, Pk, ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s,
@@ -556,7 +570,7 @@ def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) 
     for b0 in range(0, n, nb):
         sl = slice(b0, min(n, b0 + nb))
         parts.append(_expectation_batch(ft[sl], mft[sl], ctf_full[sl], inp.optics[sl], inp.n_optics,
-                                        None if inp.seed_class is None else inp.seed_class[sl], old[sl],
+                                        old[sl],
                                         inp.index[sl], setup, bps, acc, group[sl]))
     res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     wdiff2, window_power = res.pop("wdiff2"), res.pop("window_power")
@@ -833,7 +847,8 @@ class _Run:
             self.parts["rlnNormCorrection"] = 1.0  # RELION writes it, --norm or not
 
     # -- per-chunk inputs --------------------------------------------------------------------
-    def chunk_input(self, i: int, sl: slice, seed_class: np.ndarray | None = None) -> ChunkInput:
+    def chunk_input(self, i: int, sl: slice, seed_class: np.ndarray | None = None,
+                    seed_psi: np.ndarray | None = None) -> ChunkInput:
         from cryodask.ops.ctf import ctf_params, ctf_premultiplied
 
         p = self.parts.iloc[sl]
@@ -847,6 +862,7 @@ class _Run:
         return ChunkInput(chunk=i, index=np.arange(sl.start, sl.stop), origins_px=origins,
                           optics=self.optics_index[sl], n_optics=self.n_opt, ctf=ctf, premultiplied=pre,
                           seed_class=None if seed_class is None else seed_class[sl],
+                          seed_psi=None if seed_psi is None else seed_psi[sl],
                           norm=_column(p, "rlnNormCorrection", 1.0), group=self.group_index[sl])
 
     def _chunks(self) -> list[Any]:
@@ -854,8 +870,6 @@ class _Run:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> Class2DResult:
-        from cryodask.em.state import iteration_rng
-
         t0 = time.perf_counter()
         if self.o["continue_from"]:
             refs = self._load(self.o["continue_from"])
@@ -866,7 +880,6 @@ class _Run:
         self.log(f"class2d: {self.n} particles, box {self.box}, {self.apix:g} Å/px, K={self.K}; "
                  f"{'continued from iteration ' + str(start - 1) if start > 1 else 'initialised'} in "
                  f"{time.perf_counter() - t0:.1f} s")
-        seeds = iteration_rng(self.o["random_seed"], 1, 7).integers(0, self.K, self.n)
         images = None
         from cryodask.geometry.shifts import translation_grid
         from cryodask.progress import hidden_variable_sampling_points
@@ -877,7 +890,7 @@ class _Run:
             oversampling=self.o["oversampling"], ref_dim=2)
         for it in range(start, self.o["iter"] + 1):
             images = self._chunks()
-            refs = self._iteration(it, images, refs, seeds if it == 1 else None)
+            refs = self._iteration(it, images, refs)
             h = self.history[-1]
             self.monitor.iteration_done(it, sampling_points=points, resolution=float(h["resolution"]),
                                         image_size=int(h["current_size"]), pmax=float(h["ave_pmax"]))
@@ -927,18 +940,25 @@ class _Run:
         return str(refs)
 
     def _initialise(self) -> str:
-        """Initial σ² and references (the average image); writes the it000 files. Returns the references' path."""
+        """Initial σ² and references (averages of random subsets at random angles, as RELION 3); writes the
+        it000 files. Returns the references' path."""
         from cryodask.em.known_poses import tree_reduce
-        from cryodask.em.state import output_name
+        from cryodask.em.mstep import reconstruct
+        from cryodask.em.state import iteration_rng, output_name
         from cryodask.io.mrc import write_stack
+        from cryodask.ops.backproject import BackProjector
 
         c = self.client
+        rng = iteration_rng(self.o["random_seed"], 0, 7)
+        seed_class = rng.integers(0, self.K, self.n)
+        seed_psi = rng.uniform(0.0, 360.0, self.n)
         outs = []
         for i, (fut, sl) in enumerate(zip(self._chunks(), self.particles.chunk_slices(), strict=True)):
-            outs.append(c.submit(initial_chunk, fut, self.chunk_input(i, sl), pixel_size=self.apix,
-                                 particle_diameter=self.o["particle_diameter"],
+            outs.append(c.submit(initial_chunk, fut, self.chunk_input(i, sl, seed_class, seed_psi),
+                                 pixel_size=self.apix, particle_diameter=self.o["particle_diameter"],
                                  width_mask_edge=self.o["width_mask_edge"], zero_mask=self.o["zero_mask"],
-                                 random_seed=self.o["random_seed"], pure=False, key=f"class2d-init-{i}-{fut.key}"))
+                                 random_seed=self.o["random_seed"], n_classes=self.K, pad=self.o["pad"],
+                                 do_ctf=self.o["ctf"], pure=False, key=f"class2d-init-{i}-{fut.key}"))
         tot = tree_reduce(c, outs, _add_dicts, key=f"class2d-init-sum-{outs[0].key}").result()
         _, npix = _half_pixels(self.box)
         shell, _ = _half_pixels(self.box)
@@ -950,13 +970,29 @@ class _Run:
             mp = np.bincount(np.minimum(shell, nsh), weights=np.abs(mean_ft) ** 2, minlength=nsh + 1)[:nsh]
             sigma2[g] = (tot["power"][g] / cnt - mp) / (2.0 * np.maximum(npix, 1))
         self.model.sigma2_noise = np.maximum(sigma2, 0.0)
-        avg = tot["sum_image"] / max(self.n, 1)
-        refs = np.repeat(avg[None].astype(np.float32), self.K, axis=0)
+        refs = np.zeros((self.K, self.box, self.box), np.float32)
+        r0 = initial_r_max(self.box)
+        beyond = (shell > r0).reshape(self.box, self.box // 2 + 1)
+        for k in range(self.K):  # data / weight, no prior (RELION reconstructs them without do_map)
+            bp = BackProjector.zeros(self.box, pad=self.o["pad"], r_max=r0, ndim=2)
+            bp.data[...] = tot["ref_data"][k]
+            bp.weight[...] = tot["ref_weight"][k]
+            # cropping the padded reconstruction leaks ~0.2 % of the amplitude past the band; RELION's
+            # references have none there, and their SSNR sets iteration 1's image size
+            ft = np.fft.rfft2(np.asarray(reconstruct(bp.symmetrised()), np.float64))
+            ft[beyond] = 0
+            refs[k] = np.fft.irfft2(ft, s=(self.box, self.box)).astype(np.float32)
         path = output_name(self.o["o"], 0, "classes.mrcs")
         write_stack(path, refs, self.apix)
         self._set_tau2(refs)
-        # iteration 1's image size from the references' SSNR, as RELION (initialiseDataVersusPrior)
-        dvp = initial_data_vs_prior(self.tau2, self.model.sigma2_noise, tot["count"], self.model.class_fractions,
+        # iteration 1's image size from the references' SSNR, as RELION (initialiseDataVersusPrior: the power
+        # spectrum of the unpadded references, which is 0 past their band)
+        power = np.abs(backend.rfftn(np.fft.ifftshift(refs.astype(np.float64), axes=(-2, -1)),
+                                     axes=(-2, -1)).reshape(self.K, -1)) ** 2 / 2
+        ok = shell < nsh
+        spectrum = np.stack([np.bincount(shell[ok], weights=p[ok], minlength=nsh)[:nsh] for p in power])
+        spectrum /= np.maximum(npix, 1)
+        dvp = initial_data_vs_prior(spectrum, self.model.sigma2_noise, tot["count"], self.model.class_fractions,
                                     tau2_fudge=float(self.o["tau2_fudge"]))
         best = max(1, max(_last_shell_ssnr(d) for d in dvp))
         self.model.current_resolution = float(self.box * self.apix / best)
@@ -972,7 +1008,7 @@ class _Run:
         proj = Projector2D.from_images(np.asarray(refs, np.float32), pad=self.o["pad"])
         self.tau2 = np.asarray(proj.power_spectrum, np.float64)
 
-    def _iteration(self, it: int, images: list[Any], refs: str, seeds: np.ndarray | None) -> str:
+    def _iteration(self, it: int, images: list[Any], refs: str) -> str:
         from cryodask.em.known_poses import tree_reduce
         from cryodask.em.state import output_name
         from cryodask.io.mrc import write_stack
@@ -987,12 +1023,12 @@ class _Run:
                                  o["psi_step"], o["particle_diameter"], self.apix, self.box, int(m.current_size)),
                              particle_diameter=o["particle_diameter"],
                              width_mask_edge=o["width_mask_edge"], zero_mask=o["zero_mask"], do_ctf=o["ctf"],
-                             random_seed=o["random_seed"], generate_seeds=seeds is not None,
+                             random_seed=o["random_seed"],
                              adaptive_fraction=o["adaptive_fraction"], do_norm=o["norm"], avg_norm=float(m.avg_norm),
                              scale=m.scale.copy() if o["scale"] else None)
         outs = []
         for i, (fut, sl) in enumerate(zip(images, self.particles.chunk_slices(), strict=True)):
-            outs.append(self.session.submit_scoring(expectation_chunk, fut, self.chunk_input(i, sl, seeds), setup, pure=False,
+            outs.append(self.session.submit_scoring(expectation_chunk, fut, self.chunk_input(i, sl), setup, pure=False,
                                  key=f"class2d-estep-{it}-{i}-{fut.key}"))
             # the references travel as a file: nothing big is embedded in the graph
         per_particle = [c.submit(particle_part, f, pure=False) for f in outs]

@@ -379,3 +379,66 @@ def test_class2d_refuses_chunks_that_do_not_fit_before_starting(tmp_path, monkey
             class2d("p.star", tmp_path / "out" / "run", K=50, iter=2, pool=300, client=client, log=None)
     assert "per worker" in str(e.value) and "--pad 1" in str(e.value) and "--K 25" in str(e.value)
     assert not list((tmp_path / "out").glob("run_it*"))
+
+
+def test_initial_references_are_ctf_corrected_band_limited_subset_averages():
+    """RELION 3's initial 2D references: each class averages its random subset at the random angles drawn for
+    it, CTF-weighted (Σ CTF·X / Σ CTF², no prior), up to round(0.07·box) shells."""
+    from cryodask.em.class2d import ChunkInput, initial_chunk, initial_r_max
+    from cryodask.em.mstep import reconstruct
+    from cryodask.ops.backproject import BackProjector
+    from cryodask.ops.ctf import ctf_2d
+
+    box, apix, n = 64, 3.0, 60
+    rng = np.random.default_rng(2)
+    r = np.hypot(*np.mgrid[-box // 2:box // 2, -box // 2:box // 2])
+    # round (any in-plane angle fits it), with rings 6 px apart: power at ~11 shells that the band must cut
+    truth = np.exp(-(r / 9.0) ** 2) - 0.5 * np.exp(-(r / 4.0) ** 2) + 0.3 * np.cos(2 * np.pi * r / 6) * (r < 20)
+    defocus = rng.uniform(8000, 25000, n)
+    params = dict(defocus_u=defocus, defocus_v=defocus, defocus_angle=np.zeros(n), voltage=np.full(n, 300.0),
+                  cs=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1))
+    ctf = np.asarray(ctf_2d(box, apix, **params), np.float64)
+    ft = np.fft.rfft2(np.fft.ifftshift(truth))
+    images = np.fft.fftshift(np.fft.irfft2(ft[None] * ctf, s=(box, box)), axes=(-2, -1)).astype(np.float32)
+    cls = np.r_[np.zeros(n // 2, int), np.ones(n // 2, int)]
+    inp = ChunkInput(chunk=0, index=np.arange(n), origins_px=np.zeros((n, 2)), optics=np.zeros(n, int), n_optics=1,
+                     ctf=params, seed_class=cls, seed_psi=rng.uniform(0, 360, n))
+    out = initial_chunk(images, inp, pixel_size=apix, particle_diameter=0.9 * box * apix, width_mask_edge=5,
+                        zero_mask=False, random_seed=0, n_classes=3, pad=2, do_ctf=True)
+    r0 = initial_r_max(box)
+    assert r0 == 4
+    refs = []
+    for k in range(3):
+        bp = BackProjector.zeros(box, pad=2, r_max=r0, ndim=2)
+        bp.data[...], bp.weight[...] = out["ref_data"][k], out["ref_weight"][k]
+        refs.append(np.asarray(reconstruct(bp.symmetrised())))
+    kk = np.hypot(*np.meshgrid(np.fft.fftfreq(box) * box, np.fft.rfftfreq(box) * box, indexing="ij"))
+    expected = np.fft.fftshift(np.fft.irfft2(ft * (kk <= r0), s=(box, box)))  # the truth's first r0 shells
+    plain = images.mean(axis=0)  # what an average without the CTF weighting starts from
+    for k in (0, 1):  # both recover the band-limited image at its own scale
+        err = np.linalg.norm(refs[k] - expected) / np.linalg.norm(expected)
+        assert err < 0.15, (k, err)
+        assert np.linalg.norm(plain - expected) / np.linalg.norm(expected) > 0.5
+        spec = np.abs(np.fft.rfft2(refs[k]))
+        assert spec[kk > r0 + 1.5].max() < 5e-3 * spec.max()  # nothing beyond the band
+    assert np.abs(refs[2]).max() == 0  # a class with no particles starts empty
+
+
+def test_first_iteration_runs_at_relions_initial_image_size(tmp_path, monkeypatch):
+    """Without --ref the references start band-limited to round(0.07·box) shells (RELION 3), so iteration 1
+    runs at 2·(that + --incr_size): 24 px at box 32 (RELION on the 64-px benchmark data: 28, as ours)."""
+    from cryodask.cluster.local import local_client
+    from cryodask.em.class2d import class2d
+    from cryodask.io.mrc import read_stack
+
+    _simulate(tmp_path, n=80, seed=7)
+    monkeypatch.chdir(tmp_path)
+    with local_client(1) as client:
+        res = class2d("p.star", tmp_path / "run", K=3, iter=1, psi_step=30, offset_range=2, offset_step=1,
+                      particle_diameter=110, zero_mask=True, ctf=True, client=client, log=None)
+    assert res.history[0]["current_size"] == 2 * (round(0.07 * BOX) + 10) == 24
+    refs = np.array(read_stack(tmp_path / "run_it000_classes.mrcs", mmap=False), np.float64)
+    assert np.abs(refs[0] - refs[1]).max() > 0.05 * np.abs(refs).max()  # different random subsets
+    spec = np.abs(np.fft.rfft2(refs, axes=(-2, -1)))
+    kk = np.hypot(*np.meshgrid(np.fft.fftfreq(BOX) * BOX, np.fft.rfftfreq(BOX) * BOX, indexing="ij"))
+    assert spec[:, kk > 2.5].max() < 1e-6 * spec.max()
