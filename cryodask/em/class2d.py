@@ -880,7 +880,6 @@ class _Run:
         self.log(f"class2d: {self.n} particles, box {self.box}, {self.apix:g} Å/px, K={self.K}; "
                  f"{'continued from iteration ' + str(start - 1) if start > 1 else 'initialised'} in "
                  f"{time.perf_counter() - t0:.1f} s")
-        images = None
         from cryodask.geometry.shifts import translation_grid
         from cryodask.progress import hidden_variable_sampling_points
 
@@ -888,9 +887,14 @@ class _Run:
             self.K, 1, int(round(360.0 / self.o["psi_step"])),
             len(translation_grid(self.o["offset_range"], self.o["offset_step"])),
             oversampling=self.o["oversampling"], ref_dim=2)
-        for it in range(start, self.o["iter"] + 1):
-            images = self._chunks()
-            refs = self._iteration(it, images, refs)
+        last = self.o["iter"]
+        pending = self._submit(start, refs) if start <= last else None
+        for it in range(start, last + 1):
+            refs = self._complete(it, pending)
+            # the next iteration needs only the new classes and model: the workers score it while this
+            # iteration's STAR files and plots are written
+            pending = self._submit(it + 1, refs) if it < last else None
+            self._write(it, refs)
             h = self.history[-1]
             self.monitor.iteration_done(it, sampling_points=points, resolution=float(h["resolution"]),
                                         image_size=int(h["current_size"]), pmax=float(h["ave_pmax"]))
@@ -1008,12 +1012,12 @@ class _Run:
         proj = Projector2D.from_images(np.asarray(refs, np.float32), pad=self.o["pad"])
         self.tau2 = np.asarray(proj.power_spectrum, np.float64)
 
-    def _iteration(self, it: int, images: list[Any], refs: str) -> str:
+    def _submit(self, it: int, refs: str) -> dict[str, Any]:
+        """Submit iteration ``it`` (chunk tasks, their reduction, the reconstructions) against ``refs``."""
         from cryodask.em.known_poses import tree_reduce
-        from cryodask.em.state import output_name
-        from cryodask.io.mrc import write_stack
 
         c, m, o = self.client, self.model, self.o
+        images = self._chunks()
         setup = Class2DSetup(iteration=it, box=self.box, pixel_size=self.apix, pad=o["pad"], n_classes=self.K,
                              current_size=int(m.current_size), references=str(Path(refs).resolve()),
                              sigma2_noise=m.sigma2_noise.copy(), class_fractions=m.class_fractions.copy(),
@@ -1040,10 +1044,18 @@ class _Run:
         parts = [c.submit(class_accumulator, total, k, pure=False, key=f"class2d-bp-{k}-{tag}") for k in range(self.K)]
         recs = [c.submit(reconstruct_class, parts[k], self.tau2[k], T, pure=False, key=f"class2d-rec-{k}-{tag}")
                 for k in range(self.K)]
-        self.monitor.track(outs, f"it{it:03d}")  # everything is submitted: reductions run as chunks finish
-        results = c.gather(per_particle)
-        sums = total.result()
-        rec = c.gather(recs)
+        return dict(outs=outs, per_particle=per_particle, total=total, recs=recs)
+
+    def _complete(self, it: int, pending: dict[str, Any]) -> str:
+        """Gather iteration ``it``, update the model and the particles, write its classes; returns their path."""
+        from cryodask.em.state import output_name
+        from cryodask.io.mrc import write_stack
+
+        c, m, o = self.client, self.model, self.o
+        self.monitor.track(pending["outs"], f"it{it:03d}")  # reductions run as chunks finish
+        results = c.gather(pending["per_particle"])
+        sums = pending["total"].result()
+        rec = c.gather(pending["recs"])
 
         # -- per-particle results
         idx = np.concatenate([r.index for r in results])
@@ -1111,7 +1123,6 @@ class _Run:
         path = output_name(self.o["o"], it, "classes.mrcs")
         write_stack(path, images_new, self.apix)
         self._set_tau2(images_new)
-        self._write(it, str(path))
         return str(path)
 
     # -- files ---------------------------------------------------------------------------------
