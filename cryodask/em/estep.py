@@ -807,9 +807,18 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
     s = w.reshape(n_i, -1).sum(axis=1, dtype=np.float64)
     failed |= ~(s > 0)
     s = xp.where(failed, 1.0, s)
-    w *= (1.0 / s).astype(dt)[:, None, None]
+    return _normalised_posterior(xp, w, s, top.astype(np.float64), failed, min_diff2, adaptive_fraction, maxsig,
+                                 logsigma2)
+
+
+def _normalised_posterior(xp: Any, w: Any, s: Any, top: Any, failed: Any, min_diff2: Any, adaptive_fraction: float,
+                          maxsig: int, logsigma2: Any) -> Posterior:
+    """Divide the weights ``w = exp(lw − top)`` by their sums ``s`` (1 where ``failed``), then the
+    log-likelihood, the significance rule and each particle's best sample."""
+    n_i, n_t = int(w.shape[0]), int(w.shape[2])
+    w *= (1.0 / s).astype(w.dtype)[:, None, None]
     w[failed] = 0
-    log_sum = top.astype(np.float64) + xp.log(s)
+    log_sum = xp.where(failed, 0.0, top) + xp.log(s)
     ll = log_sum - min_diff2
     if logsigma2 is not None:
         ll = ll - xp.asarray(logsigma2, dtype=np.float64)
@@ -844,20 +853,8 @@ def _posterior_compiled(diff2: np.ndarray, log_prior_orient: Any, log_prior_tran
     failed = ~(s > 0)
     offset = np.zeros(n_i) if diff2_offset is None else np.asarray(diff2_offset, np.float64)
     min_diff2 = min_rel + offset
-    s = np.where(failed, 1.0, s)
-    w *= (1.0 / s).astype(np.float32)[:, None, None]
-    w[failed] = 0
-    log_sum = np.where(failed, 0.0, top) + np.log(s)
-    ll = log_sum - min_diff2
-    if logsigma2 is not None:
-        ll = ll - np.asarray(logsigma2, np.float64)
-    sig, n_sig, thr = significant_coarse(w, adaptive_fraction, maxsig)
-    flat = w.reshape(n_i, -1)
-    best = np.argmax(flat, axis=1)
-    pmax = flat[np.arange(n_i), best].astype(np.float64)
-    return Posterior(weights=w, significant=sig, significant_weight=thr, n_significant=n_sig, pmax=pmax,
-                     best_orientation=best // n_t, best_translation=best % n_t, min_diff2=min_diff2,
-                     log_sum_weight=log_sum, log_likelihood=ll, failed=failed)
+    return _normalised_posterior(np, w, np.where(failed, 1.0, s), top, failed, min_diff2, adaptive_fraction, maxsig,
+                                 logsigma2)
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,6 +26,17 @@ _N_BINS = 1 << (31 - _SHIFT)
 
 
 @njit(cache=True, nogil=True)
+def _bin_sorted(w, bits, i, b, buf):
+    """The positive weights of row ``i`` in bin ``b``, ascending (a view of ``buf``)."""
+    k = 0
+    for j in range(w.shape[1]):
+        if w[i, j] > 0 and (bits[i, j] >> _SHIFT) == b:
+            buf[k] = w[i, j]
+            k += 1
+    return np.sort(buf[:k])
+
+
+@njit(cache=True, nogil=True)
 def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
     n, m = w.shape
     hist_sum = np.empty(_N_BINS, np.float64)
@@ -55,13 +66,8 @@ def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
                 taken += hist_cnt[b]
                 continue
             # the sum crosses the target inside this bin: walk its values in descending order
-            k = 0
-            for j in range(m):
-                if w[i, j] > 0 and (bits[i, j] >> _SHIFT) == b:
-                    buf[k] = w[i, j]
-                    k += 1
-            vals = np.sort(buf[:k])
-            for q in range(k - 1, -1, -1):
+            vals = _bin_sorted(w, bits, i, b, buf)
+            for q in range(len(vals) - 1, -1, -1):
                 acc += vals[q]
                 taken += 1
                 if acc > target:
@@ -79,13 +85,8 @@ def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
                 if above + hist_cnt[b] < maxsig:
                     above += hist_cnt[b]
                     continue
-                k = 0
-                for j in range(m):
-                    if w[i, j] > 0 and (bits[i, j] >> _SHIFT) == b:
-                        buf[k] = w[i, j]
-                        k += 1
-                vals = np.sort(buf[:k])
-                thr = vals[k - 1 - (maxsig - above - 1)]
+                vals = _bin_sorted(w, bits, i, b, buf)
+                thr = vals[len(vals) - 1 - (maxsig - above - 1)]
                 break
         n_taken[i] = taken
         threshold[i] = thr
