@@ -477,13 +477,12 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
     nsh = box // 2 + 1
     px = _pixels(box, setup.current_size / 2.0, ft, mft, ctf_full, setup.sigma2_noise, optics)
-    n_score = K
     with np.errstate(divide="ignore"):
         lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
     if setup.oversampling > 0:
-        s = _two_pass(setup, ft, mft, ctf_full, optics, px, old, n_score, lpo)
+        s = _two_pass(setup, ft, mft, ctf_full, optics, px, old, K, lpo)
     else:
-        s = _single_pass(setup, px, old, n_score, lpo)
+        s = _single_pass(setup, px, old, K, lpo)
     if bool(np.any(s["failed"])):
         bad = index[np.flatnonzero(s["failed"])[0]] + 1
         raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
@@ -991,11 +990,11 @@ class _Run:
         self._set_tau2(refs)
         # iteration 1's image size from the references' SSNR, as RELION (initialiseDataVersusPrior: the power
         # spectrum of the unpadded references, which is 0 past their band)
+        from cryodask.ops.filters import radial_average
+
         power = np.abs(backend.rfftn(np.fft.ifftshift(refs.astype(np.float64), axes=(-2, -1)),
                                      axes=(-2, -1)).reshape(self.K, -1)) ** 2 / 2
-        ok = shell < nsh
-        spectrum = np.stack([np.bincount(shell[ok], weights=p[ok], minlength=nsh)[:nsh] for p in power])
-        spectrum /= np.maximum(npix, 1)
+        spectrum = np.stack([radial_average(p, shell, nsh) for p in power])
         dvp = initial_data_vs_prior(spectrum, self.model.sigma2_noise, tot["count"], self.model.class_fractions,
                                     tau2_fudge=float(self.o["tau2_fudge"]))
         best = max(1, max(_last_shell_ssnr(d) for d in dvp))
