@@ -117,7 +117,8 @@ def _test(args: argparse.Namespace) -> int:
         print(f"{len(info)} worker(s) up in {t1 - t0:.1f} s; sum(range(1000)) = {total}")
         for addr, w in sorted(seen.items()):
             res = info.get(addr, {}).get("resources") or {}
-            extra = "".join(f", {k}={w[k]}" for k in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES") if w[k] is not None)
+            extra = "".join(f", {k}={w[k]}" for k in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES", "MALLOC_ARENA_MAX")
+                            if w.get(k) is not None)
             extra += f", resources {res}" if res else ""
             print(f"  {addr}: {w['host']} pid {w['pid']}, {info.get(addr, {}).get('nthreads', '?')} thread(s){extra}")
     print(f"closed after {time.perf_counter() - t0:.1f} s")

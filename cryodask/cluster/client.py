@@ -332,7 +332,7 @@ def _slurm(spec, ex: Execution, *, check_devices: bool, log_directory: str | Non
 
 
 def worker_info(delay: float = 0.0) -> dict[str, Any]:
-    """What a worker process sees: host, pid, its GPUs and SLURM job (run it with ``client.run``).
+    """What a worker process sees: host, pid, its GPUs, SLURM job and malloc arenas (run it with ``client.run``).
 
     ``delay`` seconds of sleep first, so that tasks submitted together overlap
     (a check that they land on different workers).
@@ -343,5 +343,5 @@ def worker_info(delay: float = 0.0) -> dict[str, Any]:
 
     if delay > 0:
         time.sleep(delay)
-    env = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_GPUS")
+    env = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_GPUS", "MALLOC_ARENA_MAX")
     return {"host": socket.gethostname(), "pid": os.getpid(), **{k: os.environ.get(k) for k in env}}

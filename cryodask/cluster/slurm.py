@@ -366,6 +366,25 @@ def in_srun_step() -> bool:
     return "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ
 
 
+def restart_task_as_worker(threads: int = 1) -> None:
+    """Restart this srun task's process with a worker's environment if it will be a worker.
+
+    ``SLURMRunner`` makes tasks 2+ workers inside the process srun started, so no nanny sets
+    :func:`cryodask.cluster.local.worker_environ` for them; glibc and NumPy read it only at
+    start-up. The task therefore executes itself again, same command line, with those variables
+    added (values already in the environment win). Tasks 0 and 1 and a restarted task return.
+    """
+    from cryodask.cluster.local import worker_environ
+
+    if int(os.environ.get("SLURM_PROCID", "0")) < 2 or os.environ.get("CRYODASK_WORKER_ENVIRON"):
+        return
+    env = {**worker_environ(threads), **os.environ, "CRYODASK_WORKER_ENVIRON": "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # orig_argv keeps "-m cryodask" (argv[0] would be the package's __main__.py run as a script)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def _task_memory_limit() -> int | str:
     """Memory this srun task may use, from SLURM's environment ("auto" when unknown)."""
     try:
@@ -401,6 +420,7 @@ def runner_client(scheduler_file: str | os.PathLike, *, threads: int = 1, gpu: b
     if n_tasks < 3:
         raise UserError("--scheduler_file", f"this srun step has {n_tasks} task(s); a job inside one allocation "
                                             "needs at least 3 (scheduler, job, one worker): srun -n 3 or more")
+    restart_task_as_worker(threads)
     worker_options: dict[str, Any] = {"nthreads": threads, "memory_limit": _task_memory_limit()}
     if gpu:
         worker_options["resources"] = dict(gpu_resources or {"GPU": 1})

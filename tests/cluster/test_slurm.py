@@ -312,6 +312,8 @@ def test_run_in_allocation_pipeline(local_slurm, tmp_path):
     text = out.read_text() if out.exists() else ""
     assert state == ("COMPLETED", "0:0"), text[-3000:]
     assert "1 worker(s) up" in text and "sum(range(1000)) = 499500" in text
+    # the worker task restarted itself with a worker's malloc settings (no nanny sets them here)
+    assert "MALLOC_ARENA_MAX=1" in text, text[-3000:]
     assert not list(tmp_path.glob(".cryodask-scheduler-*.json"))  # the scheduler file is cleaned up
 
 
@@ -342,6 +344,7 @@ def test_submit_workers_pipeline(local_slurm, tmp_path):
     text = out.read_text() if out.exists() else ""
     assert state == ("COMPLETED", "0:0"), text[-3000:]
     assert "1 worker(s) up" in text and "SLURM_JOB_ID=" in text
+    assert "MALLOC_ARENA_MAX=1" in text, text[-3000:]  # through the nanny's pre-spawn environment
     # the worker ran as a job of its own, and is gone with the driver
     worker_job = text.split("SLURM_JOB_ID=")[1].split(",")[0].split()[0]
     assert worker_job != sub.stdout.strip().split(";")[0]
