@@ -999,7 +999,7 @@ class _Run:
                                     tau2_fudge=float(self.o["tau2_fudge"]))
         best = max(1, max(_last_shell_ssnr(d) for d in dvp))
         self.model.current_resolution = float(self.box * self.apix / best)
-        self.model.current_size = int(min(self.box, 2 * (best + self.o["incr_size"])))
+        self.model.current_size = 0  # no iteration has run (RELION's it000 too)
         self.parts["rlnClassNumber"] = 1
         self.parts["rlnAnglePsi"] = 0.0
         self._write(0, str(path))
@@ -1017,13 +1017,14 @@ class _Run:
 
         c, m, o = self.client, self.model, self.o
         images = self._chunks()
+        size = self._image_size()
         setup = Class2DSetup(iteration=it, box=self.box, pixel_size=self.apix, pad=o["pad"], n_classes=self.K,
-                             current_size=int(m.current_size), references=str(Path(refs).resolve()),
+                             current_size=size, references=str(Path(refs).resolve()),
                              sigma2_noise=m.sigma2_noise.copy(), class_fractions=m.class_fractions.copy(),
                              prior_offsets=self.prior_offsets.copy(), sigma_offset=float(m.sigma_offset),
                              psi_step=o["psi_step"], offset_range=o["offset_range"], offset_step=o["offset_step"],
                              oversampling=o["oversampling"], coarse_size=coarse_image_size_2d(
-                                 o["psi_step"], o["particle_diameter"], self.apix, self.box, int(m.current_size)),
+                                 o["psi_step"], o["particle_diameter"], self.apix, self.box, size),
                              particle_diameter=o["particle_diameter"],
                              width_mask_edge=o["width_mask_edge"], zero_mask=o["zero_mask"], do_ctf=o["ctf"],
                              random_seed=o["random_seed"],
@@ -1043,7 +1044,12 @@ class _Run:
         parts = [c.submit(class_accumulator, total, k, pure=False, key=f"class2d-bp-{k}-{tag}") for k in range(self.K)]
         recs = [c.submit(reconstruct_class, parts[k], self.tau2[k], T, pure=False, key=f"class2d-rec-{k}-{tag}")
                 for k in range(self.K)]
-        return dict(outs=outs, per_particle=per_particle, total=total, recs=recs)
+        return dict(outs=outs, per_particle=per_particle, total=total, recs=recs, setup=setup)
+
+    def _image_size(self) -> int:
+        """The image size of the next iteration: 2·(resolution shell + ``--incr_size``), at most the box."""
+        shell = max(1, int(round(self.box * self.apix / self.model.current_resolution)))
+        return int(min(self.box, 2 * (shell + self.o["incr_size"])))
 
     def _complete(self, it: int, pending: dict[str, Any]) -> str:
         """Gather iteration ``it``, update the model and the particles, write its classes; returns their path."""
@@ -1087,7 +1093,8 @@ class _Run:
         _, npix = _half_pixels(self.box)
         nsh = self.box // 2 + 1
         flat_shells = np.arange(nsh)
-        inside = flat_shells < int(m.current_size) // 2  # the last shell is only partly inside the window
+        setup = pending["setup"]
+        inside = flat_shells < setup.current_size // 2  # the last shell is only partly inside the window
         for g in range(self.n_opt):
             ng = max(sums.n_particles[g], 1.0)
             new = np.where(inside, sums.sigma2_sum[g], sums.power_sum[g]) / (2.0 * ng * np.maximum(npix, 1))
@@ -1111,13 +1118,12 @@ class _Run:
         st = self.state
         st.iteration = it
         st.current_changes_optimal_classes = float(np.mean(old_class != self.parts["rlnClassNumber"].to_numpy()))
+        # the model holds the size this iteration ran at, as RELION's; the next one follows from the resolution
+        m.current_size = setup.current_size
+        st.coarse_size = setup.coarse_size
         self.history.append({"iteration": it, "resolution": m.current_resolution, "current_size": m.current_size,
                              "ave_pmax": m.ave_pmax, "class_fractions": m.class_fractions.copy(),
                              "changes_classes": st.current_changes_optimal_classes})
-        # next iteration's image size: 2·(resolution shell + incr_size), at most the box
-        m.current_size = int(min(self.box, 2 * (best + self.o["incr_size"])))
-        st.coarse_size = coarse_image_size_2d(self.o["psi_step"], self.o["particle_diameter"], self.apix, self.box,
-                                              m.current_size)
 
         path = output_name(self.o["o"], it, "classes.mrcs")
         write_stack(path, images_new, self.apix)

@@ -437,6 +437,12 @@ def test_first_iteration_runs_at_relions_initial_image_size(tmp_path, monkeypatc
         res = class2d("p.star", tmp_path / "run", K=3, iter=1, psi_step=30, offset_range=2, offset_step=1,
                       particle_diameter=110, zero_mask=True, ctf=True, client=client, log=None)
     assert res.history[0]["current_size"] == 2 * (round(0.07 * BOX) + 10) == 24
+    # _model.star holds the size each iteration ran at, as RELION's (it000: 0, none ran; it001: 24)
+    from cryodask.io.star import read_star
+
+    sizes = [int(read_star(tmp_path / f"run_it00{i}_model.star")["model_general"]["rlnCurrentImageSize"])
+             for i in (0, 1)]
+    assert sizes == [0, 24], sizes
     refs = np.array(read_stack(tmp_path / "run_it000_classes.mrcs", mmap=False), np.float64)
     assert np.abs(refs[0] - refs[1]).max() > 0.05 * np.abs(refs).max()  # different random subsets
     spec = np.abs(np.fft.rfft2(refs, axes=(-2, -1)))
