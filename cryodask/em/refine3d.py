@@ -324,7 +324,6 @@ def _refine(session, opts, log) -> Refine3DResult:
             m.tau2_fudge = float(opts["tau2_fudge"] or m.tau2_fudge)
         if opts["iter"] is not None:
             st.n_iterations = int(opts["iter"])
-        st.do_join_random_halves = st.has_converged or st.iteration >= st.n_iterations
         run.o["command_line"] = opts["command_line"] or st.output_root
     else:
         vol, vs = read_map(opts["ref"])
@@ -433,7 +432,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     from cryodask.em.iteration import sampling_points, sum_accumulators
     from cryodask.em.mstep import scale_correction, tau2_from_fsc
     from cryodask.geometry.euler import euler_to_matrix
-    from cryodask.geometry.healpix import angular_step, next_random_perturbation
+    from cryodask.geometry.healpix import angular_step
 
     st, client, o = run.state, run.client, run.o
     box, apix = run.box, run.apix
@@ -443,6 +442,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     while True:
         t0 = time.time()
         it = st.iteration + 1
+        _start_iteration(st, apix)
         final = st.do_join_random_halves
         m0 = run.models[0]
         # image sizes (RELION's updateImageSizeAndResolutionPointers)
@@ -612,16 +612,6 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             st.smallest_changes_optimal_offsets = min(st.smallest_changes_optimal_offsets, ch_off)
             st.current_changes_optimal_orientations, st.current_changes_optimal_offsets = ch_ori, ch_off
             st.current_changes_optimal_classes = 0.0
-            stalled = st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1
-            if stalled:
-                if fine_step <= 0.75 * st.acc_rot or st.healpix_order >= 7:
-                    st.has_converged = True
-                else:
-                    _raise_sampling(st, ch_off / apix, apix)
-            if st.has_converged or it >= st.n_iterations:
-                st.do_join_random_halves = True
-            st.random_perturbation = next_random_perturbation(
-                st.random_perturbation, st.perturbation_factor, iteration_rng_seed(st.random_seed, it))
         # ---- write the iteration's files
         entry = dict(iteration=it, current_size=current_size, coarse_size=coarse_size, order=setup.healpix_order,
                      local=setup.local_searches, resolution=res_new, gold_resolution=gold, acc_rot=st.acc_rot,
@@ -683,6 +673,28 @@ def _all_shells(box: int) -> np.ndarray:
     from cryodask.em.iteration import pixel_shells
 
     return pixel_shells(box, box / 2.0)[3]
+
+
+def _start_iteration(st, apix: float) -> None:
+    """RELION's checkConvergence and updateAngularSampling, at the start of an iteration from the counters of
+    the last one: converged, or the next HEALPix order once resolution and hidden variables stall; the final
+    iteration after convergence or --iter; a new random perturbation. Done here rather than at the end of the
+    last iteration, so that its files hold the sampling it used, as RELION's, and a continued run decides
+    the same way."""
+    from cryodask.geometry.healpix import angular_step, next_random_perturbation
+
+    if st.iteration < 1 or st.do_join_random_halves:
+        return
+    fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
+    if st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1:
+        if fine_step <= 0.75 * st.acc_rot or st.healpix_order >= 7:
+            st.has_converged = True
+        else:
+            _raise_sampling(st, st.current_changes_optimal_offsets / apix, apix)
+    if st.has_converged or st.iteration >= st.n_iterations:
+        st.do_join_random_halves = True
+    st.random_perturbation = next_random_perturbation(
+        st.random_perturbation, st.perturbation_factor, iteration_rng_seed(st.random_seed, st.iteration))
 
 
 def _raise_sampling(st, rms_offset_change_px: float, apix: float) -> None:

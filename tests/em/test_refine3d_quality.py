@@ -86,3 +86,11 @@ def test_from_40A_converges(data, client):
     err = _angular_errors(res.data, sim.truth)
     assert np.median(err) < 5.0, np.median(err)
     assert np.mean(err > 30) < 0.05, np.mean(err > 30)
+    # each iteration's _sampling.star holds the HEALPix order it ran at, as RELION's (the order rose on the way)
+    from cryodask.io.star import read_star
+
+    orders = [h["order"] for h in res.history]
+    assert orders[-1] > orders[0], orders
+    for h in res.history[:-1]:  # the final iteration writes run_*, not run_itNNN_*
+        sampling = read_star(folder / "from40" / f"run_it{h['iteration']:03d}_sampling.star")["sampling_general"]
+        assert int(sampling["rlnHealpixOrder"]) == h["order"], (h["iteration"], orders)
