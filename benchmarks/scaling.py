@@ -2,7 +2,7 @@
 
 Runs the real chunk task (:func:`cryodask.em.iteration.expectation_chunk`, global searches
 with the two-pass kernel) over simulated particles split into fixed-size chunks, in this
-process on one thread (the per-worker figure), and prints
+process on one thread with a worker's environment (the per-worker figure), and prints
 
 * time per particle at 1k, 4k, 16k particles (``--sizes``): flat means linear growth;
 * time per orientation at HEALPix order 1, 2, 3 (``--orders``): the coarse pass is linear in
@@ -82,7 +82,12 @@ def main(argv=None) -> None:
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=250, help="particles per chunk task")
     ap.add_argument("--order_particles", type=int, default=200, help="particles for the orientation scan")
+    ap.add_argument("--machine-defaults", action="store_true",
+                    help="keep this shell's environment (BLAS threads, malloc, huge pages) instead of a worker's")
     args = ap.parse_args(argv)
+    from _worker import as_worker
+
+    as_worker(machine_defaults=args.machine_defaults)
     import os
 
     from cryodask.em.memory import estimate
