@@ -594,7 +594,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             m.estimated_resolution[0] = gold
         lim_shell = min(current_size // 2, nsh - 1)
         st.has_high_fsc_at_limit = bool(fsc_now[lim_shell] > 0.2)
-        # ---- convergence and sampling (RELION's updateOverallChangesInHiddenVariables / updateAngularSampling)
+        # ---- convergence counters (RELION's updateOverallChangesInHiddenVariables); acted on by _start_iteration
         st.iteration = it
         fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
         if not final:
