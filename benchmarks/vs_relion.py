@@ -104,7 +104,12 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", default=None, help="folder to keep the runs in (default: a temporary one)")
     ap.add_argument("--reuse_relion", action="store_true",
                     help="with --keep: take RELION's figures from an earlier run in that folder (its <job>_relion.json)")
+    ap.add_argument("--relion_only", action="store_true",
+                    help="with --keep: run RELION's side only and record it (hours for refine3d at 3,000 particles: "
+                         "run it on an idle machine, then cryodask's side with --reuse_relion)")
     args = ap.parse_args(argv)
+    if (args.relion_only or args.reuse_relion) and not args.keep:
+        ap.error("--relion_only and --reuse_relion need --keep FOLDER (where RELION's record is kept)")
     from cryodask.io.mrc import write_map
     from cryodask.ops.filters import low_pass_filter
     from cryodask.simulate import phantom, phantom_variant, simulate_particles, write_simulation
@@ -169,6 +174,9 @@ def main(argv=None) -> None:
         else:
             tr, mr, rcr = run_tree(rel_cmd, tmp, tmp / f"{job}_relion.log")
             record.write_text(json.dumps([tr, mr, rcr]))
+        if args.relion_only:
+            print(f"{job}: RELION {tr:.1f} s, {mr / 2**20:.0f} MiB (rc {rcr}); recorded in {record}", flush=True)
+            continue
         tc, mc, rcc = run_tree(cd_cmd, tmp, tmp / f"{job}_cryodask.log")
         acc_r = acc_c = float("nan")
         out_r, out_c = Path(rel_cmd[rel_cmd.index("--o") + 1]).parent, Path(cd_cmd[cd_cmd.index("--o") + 1]).parent
