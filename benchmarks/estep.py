@@ -130,15 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"numpy.matmul reference: ({m_ref} x {2 * k}) @ ({2 * k} x {nb}) -> {ref_before / 1e9:.1f} GFLOP/s")
 
     # A worker compiles (or loads from Numba's cache) the kernels once per process: not part of a chunk.
-    w_ramps = estep.phase_ramps(freqs, trans, args.current_size, double=args.double)
-    w_terms = estep.scoring_terms(estep.precompute_shifted(X[:4], w_ramps, double=args.double), ctf=ctf[:4],
-                                  inv_sigma2=inv_s2, n_trans=n_t, scale=scale[:4], double=args.double)
+    w_xs = estep.precompute_shifted(X[:4], estep.phase_ramps(freqs, trans, args.current_size, double=args.double),
+                                    double=args.double)
+    w_terms = estep.scoring_terms(w_xs, ctf=ctf[:4], inv_sigma2=inv_s2, n_trans=n_t, scale=scale[:4],
+                                  double=args.double)
     w_post = estep.posterior_weights(estep.score_terms(w_terms, P[:8], include_constant=False),
                                      log_prior_trans=lpt[:4], diff2_offset=w_terms.constant)
-    estep.mstep_sums(w_post.weights, estep.precompute_shifted(X[:4], w_ramps, double=args.double), P[:8],
-                     ctf=ctf[:4], inv_sigma2=inv_s2, n_trans=n_t, scale=scale[:4],
+    estep.mstep_sums(w_post.weights, w_xs, P[:8], ctf=ctf[:4], inv_sigma2=inv_s2, n_trans=n_t, scale=scale[:4],
                      significant=w_post.significant, double=args.double)
-    del w_ramps, w_terms, w_post
+    del w_xs, w_terms, w_post
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
