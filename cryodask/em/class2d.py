@@ -398,7 +398,7 @@ def _single_pass(setup: Class2DSetup, px: dict[str, Any], old: np.ndarray, n_sco
         score_terms(terms, P[k], include_constant=False, out=diff2[:, k * R:(k + 1) * R, :])
     post = posterior_weights(diff2, log_prior_orient=None if lpo is None else np.repeat(lpo, R), log_prior_trans=lpt,
                              orient_class=np.repeat(np.arange(n_score), R), adaptive_fraction=setup.adaptive_fraction,
-                             diff2_offset=terms.constant, logsigma2=log_sigma2_term(px["isg"]))
+                             diff2_offset=terms.constant, logsigma2=log_sigma2_term(px["isg"]), overwrite_diff2=True)
     del diff2
     blocks = [(post.weights[:, k * R:(k + 1) * R, :], post.significant[:, k * R:(k + 1) * R, :], P[k], psi)
               for k in range(n_score)]

@@ -696,7 +696,8 @@ def _log_prior_parts(xp: Any, shape: tuple[int, int, int], log_prior_orient: Any
 
 def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_trans: Any = None,
                       orient_class: Any = None, adaptive_fraction: float = 0.999, maxsig: int = -1,
-                      mode: str = "ml", diff2_offset: Any = None, logsigma2: Any = None) -> Posterior:
+                      mode: str = "ml", diff2_offset: Any = None, logsigma2: Any = None,
+                      overwrite_diff2: bool = False) -> Posterior:
     """RELION's ``convertAllSquaredDifferencesToWeights`` for one chunk.
 
     ``w = π(r) · p(t) · exp(−(diff2 − min diff2))`` (0 where the exponent exceeds 700),
@@ -722,6 +723,9 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
         Constant left out of ``diff2`` (``ScoringTerms.constant``), added to ``min_diff2``.
     logsigma2 : (N_i,) or scalar, optional
         :func:`log_sigma2_term`, subtracted in the log-likelihood.
+    overwrite_diff2 : bool
+        ``diff2`` is not needed afterwards: a float32 NumPy ``diff2`` holds the weights on return
+        (``Posterior.weights`` is a view of it), which saves an array of its size.
 
     Notes
     -----
@@ -738,7 +742,7 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
     parts = _log_prior_parts(xp, (n_i, n_r, n_t), log_prior_orient, log_prior_trans, orient_class, dt)
     if xp is np and dt == np.float32 and mode == "ml":
         return _posterior_compiled(diff2, log_prior_orient, log_prior_trans, orient_class, adaptive_fraction,
-                                   maxsig, diff2_offset, logsigma2)
+                                   maxsig, diff2_offset, logsigma2, overwrite_diff2)
     flat2 = diff2.reshape(n_i, -1)
     lo, hi = flat2.min(axis=1), flat2.max(axis=1)
     # Fast path (no masks): every diff2 finite and every prior non-zero. min/max propagate NaN.
@@ -832,10 +836,11 @@ def _normalised_posterior(xp: Any, w: Any, s: Any, top: Any, failed: Any, min_di
 
 
 def _posterior_compiled(diff2: np.ndarray, log_prior_orient: Any, log_prior_trans: Any, orient_class: Any,
-                        adaptive_fraction: float, maxsig: int, diff2_offset: Any, logsigma2: Any) -> Posterior:
-    """:func:`posterior_weights` for float32 NumPy arrays (mode "ml") in two compiled passes over
-    ``diff2`` (:func:`cryodask.em.kernels.posterior_exp`), the priors kept in their compact forms."""
-    from cryodask.em.kernels import posterior_exp
+                        adaptive_fraction: float, maxsig: int, diff2_offset: Any, logsigma2: Any,
+                        overwrite_diff2: bool = False) -> Posterior:
+    """:func:`posterior_weights` for float32 NumPy arrays (mode "ml"): one compiled visit per particle
+    (:func:`cryodask.em.kernels.posterior_rows`), the priors kept in their compact forms."""
+    from cryodask.em.kernels import posterior_rows
 
     n_i, n_r, n_t = diff2.shape
     lpo = np.zeros((1, n_r)) if log_prior_orient is None else np.asarray(log_prior_orient, np.float64)
@@ -849,12 +854,21 @@ def _posterior_compiled(diff2: np.ndarray, log_prior_orient: Any, log_prior_tran
             cls = np.asarray(orient_class, np.int64)
         else:
             lpt = lpt.reshape(-1, 1, n_t)
-    w, min_rel, top, s = posterior_exp(diff2, lpo, lpt, cls, MAX_EXPONENT)
+    q = posterior_rows(diff2, lpo, lpt, cls, MAX_EXPONENT, adaptive_fraction, maxsig, overwrite_diff2)
+    s = q["total"]
     failed = ~(s > 0)
     offset = np.zeros(n_i) if diff2_offset is None else np.asarray(diff2_offset, np.float64)
-    min_diff2 = min_rel + offset
-    return _normalised_posterior(np, w, np.where(failed, 1.0, s), top, failed, min_diff2, adaptive_fraction, maxsig,
-                                 logsigma2)
+    min_diff2 = q["min_rel"] + offset
+    log_sum = np.where(failed, 0.0, q["top"]) + np.log(np.where(failed, 1.0, s))
+    ll = log_sum - min_diff2
+    if logsigma2 is not None:
+        ll = ll - np.asarray(logsigma2, dtype=np.float64)
+    best = q["best"]
+    pmax = q["weights"].reshape(n_i, -1)[np.arange(n_i), best].astype(np.float64)
+    return Posterior(weights=q["weights"], significant=q["significant"], significant_weight=q["threshold"],
+                     n_significant=q["n_taken"], pmax=pmax, best_orientation=best // n_t,
+                     best_translation=best % n_t, min_diff2=min_diff2, log_sum_weight=log_sum, log_likelihood=ll,
+                     failed=failed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -956,8 +970,9 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     xp = array_module(weights, X_shifted, P)
     rdt, cdt = real_dtype(double), complex_dtype(double)
     w = xp.asarray(weights, dtype=rdt)
-    if significant is not None:
+    if significant is not None and xp is not np:  # NumPy: the compiled kernels read the mask in place
         w = xp.where(xp.asarray(significant), w, 0)
+        significant = None
     n_i, n_r, n_t = (int(s) for s in w.shape)
     if n_t != n_trans:
         raise ValueError(f"weights have {n_t} translations, n_trans is {n_trans}")
@@ -969,9 +984,14 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     isg = _per_pixel(inv_sigma2, n_i, k, xp, rdt, "inv_sigma2")
     s = _per_particle(scale, n_i, xp, rdt)
 
-    trans_w = w.sum(axis=1)  # (N_i, N_t)
+    if xp is np:  # one compiled pass over the weights
+        from cryodask.em.kernels import significant_marginals
+
+        trans_w, orient_w, w_ir_all = significant_marginals(w, significant)
+    else:
+        trans_w = w.sum(axis=1)  # (N_i, N_t)
+        orient_w = w.sum(axis=(0, 2), dtype=np.float64)
     sum_weight = trans_w.sum(axis=1, dtype=np.float64)
-    orient_w = w.sum(axis=(0, 2), dtype=np.float64)
     act = xp.nonzero(orient_w > 0)[0]
     cols = xp.nonzero(trans_w.reshape(-1) > 0)[0]  # sorted, so particle ids below are non-decreasing
     pid = cols // n_t
@@ -982,8 +1002,8 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
     if xp is np:  # compiled gathers: no transposed or gathered copies of the weights and images
         from cryodask.em.kernels import scaled_rows, weight_matrix
 
-        Wmat = weight_matrix(w, act, cols)  # (n, n_cols)
-        W_ir = w.sum(axis=2)[:, act]  # (N_i, n)
+        Wmat = weight_matrix(w, act, cols, significant)  # (n, n_cols)
+        W_ir = w_ir_all[:, act]  # (N_i, n)
         Y = scaled_rows(X, cols, pid, f)
     else:
         Wa = w[:, act, :]  # (N_i, n, N_t)
@@ -1196,7 +1216,7 @@ def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: S
     post_c = posterior_weights(diff2, log_prior_orient=lpo, log_prior_trans=log_prior_trans,
                                orient_class=orient_class_c, adaptive_fraction=adaptive_fraction,
                                maxsig=maxsig, mode=coarse.mode, diff2_offset=coarse.constant,
-                               logsigma2=logsigma2)
+                               logsigma2=logsigma2, overwrite_diff2=True)
     return post_c, lpo
 
 
@@ -1238,7 +1258,8 @@ def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[
     orient_class_f = xp.repeat(orient_class_c[rows], n_over_rot)
     post_f = posterior_weights(diff2, log_prior_orient=lpo_f, log_prior_trans=lpt_f,
                                orient_class=orient_class_f, adaptive_fraction=adaptive_fraction,
-                               maxsig=-1, mode=fine.mode, diff2_offset=fine.constant, logsigma2=logsigma2)
+                               maxsig=-1, mode=fine.mode, diff2_offset=fine.constant, logsigma2=logsigma2,
+                               overwrite_diff2=True)
     return TwoPassResult(coarse=post_c, fine=post_f, classes=classes, fine_translations=fine_t,
                          n_over_rot=n_over_rot, n_over_trans=n_over_trans)
 

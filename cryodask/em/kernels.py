@@ -1,16 +1,24 @@
 """Compiled CPU kernels for the E-step's per-particle reductions (Numba).
 
-Two steps of a chunk task are reductions over every sample of a particle that array expressions
-make in several passes with large temporaries:
+The steps of a chunk task between the GEMMs are reductions over every sample of a particle that
+array expressions make in several passes over arrays the size of the score array (hundreds of MB),
+with large temporaries:
 
+- the posterior (:func:`posterior_rows`): min diff2, the log-weights, ``exp``, the normalisation,
+  the best sample and RELION's significance rule, a few particles at a time so that their rows stay
+  in cache between the passes; the exponentials by NumPy's vectorised ``exp``. Weights below the
+  smallest normal float32 are stored as 0 (subnormal arithmetic is ~100× slower on x86).
 - the significance threshold (RELION's walk down the sorted weights until their sum exceeds
-  ``adaptive_fraction`` of the total): with broad posteriors tens of thousands of weights per
-  particle are significant, and a partition + sort + cumulative sum of that many per particle cost
-  more than the GEMMs that scored them. Here each particle's weights go into a histogram of their
-  float32 bit patterns (monotonic in the value; 4,096 bins of 1/16 of an octave), the walk runs
-  over the bins from the top, and only the bin where the sum crosses the target is sorted.
-- the noise and scale sums of the M-step: ``Σ_t Re(X_t · conj Q_t)`` and ``Σ_t w_t |X_t|²`` per
-  particle and pixel, read straight from the shifted images, with no gathered copies.
+  ``adaptive_fraction`` of the total): only the weights that the walk could take are kept
+  (a handful on a peaked posterior, then sorted); with broad posteriors tens of thousands per
+  particle go into a histogram of their float32 bit patterns (monotonic in the value; 4,096 bins of
+  1/16 of an octave), the walk runs over the bins from the top, and only the bin where the sum
+  crosses the target is sorted.
+- the M-step's sums of the significant weights per translation, orientation and (particle,
+  orientation) (:func:`significant_marginals`), its weight matrix (:func:`weight_matrix`), and the
+  noise and scale sums ``Σ_t Re(X_t · conj Q_t)`` and ``Σ_t w_t |X_t|²`` per particle and pixel, read
+  straight from the weights, the significance mask and the shifted images, with no masked or
+  gathered copies.
 
 Used for NumPy arrays only; CuPy arrays keep the array expressions of :mod:`cryodask.em.estep`.
 """
@@ -25,39 +33,68 @@ _SHIFT = 19
 _N_BINS = 1 << (31 - _SHIFT)
 
 
+#: a row with at most this many candidates is walked by sorting them, more go through the histogram
+_SORT_LIMIT = 4096
+
+
 @njit(cache=True, nogil=True)
-def _bin_sorted(w, bits, i, b, buf):
-    """The positive weights of row ``i`` in bin ``b``, ascending (a view of ``buf``)."""
+def _bin_sorted(cand, bits, b, buf):
+    """The candidates in bin ``b``, ascending (a view of ``buf``)."""
     k = 0
-    for j in range(w.shape[1]):
-        if w[i, j] > 0 and (bits[i, j] >> _SHIFT) == b:
-            buf[k] = w[i, j]
+    for j in range(cand.shape[0]):
+        if (bits[j] >> _SHIFT) == b:
+            buf[k] = cand[j]
             k += 1
     return np.sort(buf[:k])
 
 
 @njit(cache=True, nogil=True)
-def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
-    n, m = w.shape
-    hist_sum = np.empty(_N_BINS, np.float64)
-    hist_cnt = np.empty(_N_BINS, np.int64)
-    buf = np.empty(m, w.dtype)
-    for i in range(n):
+def _candidates_row(w, total, fraction, cand):
+    """Copy into ``cand`` the row's weights that the walk could take; returns ``(count, smallest positive
+    weight)`` (inf: none).
+
+    A weight below ``(1 − fraction)·total / M`` (``M`` samples) is never taken: all such weights
+    together hold less than the ``1 − fraction`` the walk leaves out. Half that cut (against rounding)
+    leaves a handful of candidates on a peaked posterior.
+    """
+    m = w.shape[0]
+    cut = 0.5 * max(0.0, 1.0 - fraction) * total / max(m, 1)
+    n = 0
+    smallest = np.inf
+    for j in range(m):
+        v = w[j]
+        smallest = min(smallest, v if v > 0 else np.inf)
+        if v >= cut and v > 0:
+            cand[n] = v
+            n += 1
+    return n, smallest
+
+
+@njit(cache=True, nogil=True)
+def _walk_row(cand, bits, total, fraction, maxsig, smallest, hist_sum, hist_cnt, buf):
+    """RELION's walk down a row's candidate weights (``cand``, ``bits`` its int32 view) until their sum
+    exceeds ``fraction · total``: ``(n_taken, threshold)``. Few candidates are sorted; many go into a
+    histogram of their bit patterns and only the bin where the sum crosses the target is sorted."""
+    n = cand.shape[0]
+    target = fraction * total
+    acc = 0.0
+    taken = 0
+    thr = -1.0
+    if n <= _SORT_LIMIT:
+        vals = np.sort(cand)
+        for q in range(n - 1, -1, -1):
+            acc += vals[q]
+            taken += 1
+            if acc > target:
+                thr = vals[q]
+                break
+    else:
         hist_sum[:] = 0.0
         hist_cnt[:] = 0
-        smallest = np.inf
-        for j in range(m):
-            v = w[i, j]
-            if v > 0:
-                b = bits[i, j] >> _SHIFT
-                hist_sum[b] += v
-                hist_cnt[b] += 1
-                if v < smallest:
-                    smallest = v
-        target = fraction * total[i]
-        acc = 0.0
-        taken = 0
-        thr = -1.0
+        for j in range(n):
+            b = bits[j] >> _SHIFT
+            hist_sum[b] += cand[j]
+            hist_cnt[b] += 1
         for b in range(_N_BINS - 1, -1, -1):
             if hist_cnt[b] == 0:
                 continue
@@ -66,7 +103,7 @@ def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
                 taken += hist_cnt[b]
                 continue
             # the sum crosses the target inside this bin: walk its values in descending order
-            vals = _bin_sorted(w, bits, i, b, buf)
+            vals = _bin_sorted(cand, bits, b, buf)
             for q in range(len(vals) - 1, -1, -1):
                 acc += vals[q]
                 taken += 1
@@ -75,21 +112,40 @@ def _significance_rows(w, bits, total, fraction, maxsig, n_taken, threshold):
                     break
             if thr >= 0:
                 break
-        if thr < 0:  # the walk ran through (only by rounding, or fraction >= 1): the smallest weight
-            taken = max(taken, 1)
-            thr = smallest if smallest < np.inf else 0.0
-        if maxsig > 0 and taken > maxsig:  # the maxsig-th largest weight
-            taken = maxsig
+    if thr < 0:  # the walk ran through (only by rounding, or fraction >= 1): the smallest weight
+        taken = max(taken, 1)
+        thr = smallest if smallest < np.inf else 0.0
+    if maxsig > 0 and taken > maxsig:  # the maxsig-th largest weight (taken ≤ n: it is a candidate)
+        taken = maxsig
+        if n <= _SORT_LIMIT:
+            thr = vals[n - maxsig]
+        else:
             above = 0
             for b in range(_N_BINS - 1, -1, -1):
                 if above + hist_cnt[b] < maxsig:
                     above += hist_cnt[b]
                     continue
-                vals = _bin_sorted(w, bits, i, b, buf)
+                vals = _bin_sorted(cand, bits, b, buf)
                 thr = vals[len(vals) - 1 - (maxsig - above - 1)]
                 break
-        n_taken[i] = taken
-        threshold[i] = thr
+    return taken, thr
+
+
+@njit(cache=True, nogil=True)
+def _significance_row(w, total, fraction, maxsig, cand, cand_bits, hist_sum, hist_cnt, buf):
+    """``(n_taken, threshold)`` of one row of weights (float32)."""
+    n, smallest = _candidates_row(w, total, fraction, cand)
+    return _walk_row(cand[:n], cand_bits[:n], total, fraction, maxsig, smallest, hist_sum, hist_cnt, buf)
+
+
+@njit(cache=True, nogil=True)
+def _significance_rows(w, total, fraction, maxsig, cand, cand_bits, n_taken, threshold):
+    hist_sum = np.empty(_N_BINS, np.float64)
+    hist_cnt = np.empty(_N_BINS, np.int64)
+    buf = np.empty(w.shape[1], w.dtype)
+    for i in range(w.shape[0]):
+        n_taken[i], threshold[i] = _significance_row(w[i], total[i], fraction, maxsig, cand, cand_bits, hist_sum,
+                                                     hist_cnt, buf)
 
 
 def significance_threshold(weights: np.ndarray, total: np.ndarray, adaptive_fraction: float,
@@ -106,8 +162,9 @@ def significance_threshold(weights: np.ndarray, total: np.ndarray, adaptive_frac
     n_taken = np.zeros(n, np.int64)
     threshold = np.zeros(n, np.float64)
     if n and w.shape[1]:
-        _significance_rows(w, w.view(np.int32), np.asarray(total, np.float64), float(adaptive_fraction),
-                           int(maxsig), n_taken, threshold)
+        cand = np.empty(w.shape[1], np.float32)
+        _significance_rows(w, np.asarray(total, np.float64), float(adaptive_fraction), int(maxsig), cand,
+                           cand.view(np.int32), n_taken, threshold)
     return n_taken, threshold
 
 
@@ -138,15 +195,32 @@ def image_products(Xm: np.ndarray, cols: np.ndarray, pid: np.ndarray, Q: np.ndar
     return XA, XX
 
 
+#: smallest normal float32. Weights below it are stored as 0: subnormal arithmetic takes a microcode assist
+#: on x86 (~100 cycles: it made normalising 10x slower, and slows every GEMM the weights enter), and such a
+#: weight is at most 1e-38 of the particle's largest, which is ≥ 1/(samples).
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+#: exp(x) < _FLT_MIN below this; the weights are exp(x) / total with total ≥ 1, so they would be stored as 0
+_EXP_FLOOR = float(np.log(np.finfo(np.float32).tiny))
+#: the exponent of samples with weight 0: exp gives 1e-304, a normal float64 that adds nothing to a total ≥ 1
+#: (−inf or an underflowing exponent take NumPy's exp off its vectorised path, 3-6x slower)
+_ZERO_EXPONENT = -700.0
+#: particles per block of :func:`posterior_rows`: their exponents (float64) stay in cache for NumPy's exp
+_ROWS_PER_BLOCK = 4
+
+
 @njit(cache=True, nogil=True)
-def _posterior_rows(diff2, lpo, lpt, cls, max_exponent, w, min_rel, top, total):
-    n_i, n_r, n_t = diff2.shape
+def _log_weight_rows(diff2, lpo, lpt, cls, max_exponent, i0, x, min_rel, top):
+    """Exponents ``x = lw − top`` of particles ``i0 …`` (one row of ``x`` each), ``_ZERO_EXPONENT`` where the
+    weight is 0; ``min_rel`` +inf marks a particle with nothing scored."""
+    n_r, n_t = diff2.shape[1], diff2.shape[2]
     po = lpo.shape[0] > 1
     pt = lpt.shape[0] > 1
-    for i in range(n_i):
+    for k in range(x.shape[0]):
+        i = i0 + k
         io = i if po else 0
         it = i if pt else 0
-        # pass 1: min diff2 and max (log prior − diff2) over the samples with a finite diff2 and prior
+        xk = x[k]
+        # min diff2 and max (log prior − diff2) over the samples with a finite diff2 and prior
         lo = np.inf
         hi = -np.inf
         d_hi = 0.0
@@ -163,10 +237,9 @@ def _posterior_rows(diff2, lpo, lpt, cls, max_exponent, w, min_rel, top, total):
                         hi = p - d
                         d_hi = d
         min_rel[i] = lo
-        if not np.isfinite(lo):
+        if not np.isfinite(lo):  # nothing scored: a failed particle
             top[i] = 0.0
-            total[i] = 0.0
-            w[i] = 0.0
+            xk[:] = _ZERO_EXPONENT
             continue
         if d_hi - lo > max_exponent:  # the priors outweigh the cut (span > 700): the max of what is kept
             hi = -np.inf
@@ -177,55 +250,150 @@ def _posterior_rows(diff2, lpo, lpt, cls, max_exponent, w, min_rel, top, total):
                     if np.isfinite(d) and np.isfinite(p) and d - lo <= max_exponent and p - d > hi:
                         hi = p - d
         top[i] = hi + lo  # the largest log-weight, lw = log prior − (diff2 − min)
-        # pass 2: w = exp(lw − top), RELION's cut at diff2 − min > 700
-        s = 0.0
-        for r in range(n_r):
+        for r in range(n_r):  # RELION's cut at diff2 − min > 700
             a = lpo[io, r]
             c = cls[r]
             for t in range(n_t):
                 d = diff2[i, r, t]
                 p = a + lpt[it, c, t]
-                v = 0.0
+                v = _ZERO_EXPONENT
                 if np.isfinite(d) and np.isfinite(p) and d - lo <= max_exponent:
-                    v = np.exp((p - d) - hi)
-                w[i, r, t] = v
-                s += v
-        total[i] = s
-
-
-def posterior_exp(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.ndarray,
-                  max_exponent: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unnormalised posterior of a float32 ``diff2`` (N_i, N_r, N_t) with the log prior
-    ``lpo[i, r] + lpt[i, cls[r], t]`` (a first axis of 1 is shared by all particles).
-
-    Returns ``(w, min_rel, top, total)``: ``w = exp(lw − top)`` with ``lw = log prior − (diff2 − min)``
-    (0 for a non-finite diff2 or prior and beyond ``max_exponent``), the per-particle min diff2
-    over the samples with a finite prior (+inf: none), the largest ``lw`` and ``Σ w`` (float64).
-    """
-    n_i = diff2.shape[0]
-    w = np.empty(diff2.shape, np.float32)
-    min_rel, top, total = np.empty(n_i), np.empty(n_i), np.empty(n_i)
-    _posterior_rows(np.ascontiguousarray(diff2), np.ascontiguousarray(lpo, np.float64),
-                    np.ascontiguousarray(lpt, np.float64), np.asarray(cls, np.int64), float(max_exponent),
-                    w, min_rel, top, total)
-    return w, min_rel, top, total
+                    v = (p - d) - hi
+                    if v < _EXP_FLOOR:
+                        v = _ZERO_EXPONENT
+                xk[r * n_t + t] = v
 
 
 @njit(cache=True, nogil=True)
-def _weight_matrix(w, act, cols, out):
+def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, threshold, best,
+                    cand, cand_bits, hist_sum, hist_cnt, buf):
+    """From ``e = exp(lw − top)`` of particles ``i0 …``: normalised float32 weights, the best sample and
+    the significance rule, each row while it is in cache."""
+    m = e.shape[1]
+    for k in range(e.shape[0]):
+        i = i0 + k
+        ek, wi = e[k], w[i]
+        s = 0.0
+        if np.isfinite(min_rel[i]):
+            for j in range(m):
+                s += ek[j]
+        total[i] = s
+        n_taken[i] = 0
+        threshold[i] = 0.0
+        best[i] = 0
+        if not s > 0:
+            wi[:] = 0.0
+            sig[i] = False
+            continue
+        f = 1.0 / s
+        wsum = 0.0
+        v_best = np.float32(-1.0)
+        for j in range(m):
+            q = ek[j] * f
+            v = np.float32(q) if q >= _FLT_MIN else np.float32(0.0)
+            wi[j] = v
+            wsum += v
+            if v > v_best:
+                v_best = v
+                best[i] = j
+        if not wsum > 0:
+            sig[i] = False
+            continue
+        n_taken[i], thr = _significance_row(wi, wsum, fraction, maxsig, cand, cand_bits, hist_sum, hist_cnt, buf)
+        threshold[i] = thr
+        t32 = np.float32(thr)
+        for j in range(m):
+            sig[i, j] = wi[j] >= t32
+
+
+def posterior_rows(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.ndarray, max_exponent: float,
+                   adaptive_fraction: float, maxsig: int, overwrite_diff2: bool = False) -> dict[str, np.ndarray]:
+    """Normalised posterior of a float32 ``diff2`` (N_i, N_r, N_t) with the log prior
+    ``lpo[i, r] + lpt[i, cls[r], t]`` (a first axis of 1 is shared by all particles), and RELION's
+    significance rule, a few particles at a time so that their rows stay in cache between the
+    passes (the exponentials by NumPy's vectorised ``exp``, several times a scalar loop's speed).
+
+    Returns a dict: ``weights`` (float32, rows summing to 1, 0 for a non-finite diff2 or prior and
+    beyond ``max_exponent``), ``significant`` (bool), ``min_rel`` (the min diff2 over samples with a
+    finite prior, +inf: none), ``top`` (the largest log-weight), ``total`` (``Σ exp(lw − top)``,
+    float64; 0 for a particle with nothing scored), ``n_taken`` and ``threshold`` (as
+    :func:`significance_threshold`) and ``best`` (flat index of the largest weight). With
+    ``overwrite_diff2`` (a C-contiguous float32 ``diff2``) the weights are written over ``diff2``: a
+    block's rows are read in full before its weights are written.
+    """
+    n_i, n_r, n_t = diff2.shape
+    m = n_r * n_t
+    in_place = overwrite_diff2 and diff2.dtype == np.float32 and diff2.flags.c_contiguous
+    diff2 = np.ascontiguousarray(diff2)
+    lpo, lpt = np.ascontiguousarray(lpo, np.float64), np.ascontiguousarray(lpt, np.float64)
+    cls = np.asarray(cls, np.int64)
+    w = diff2.reshape(n_i, m) if in_place else np.empty((n_i, m), np.float32)
+    sig = np.empty((n_i, m), np.bool_)
+    out = {k: np.empty(n_i) for k in ("min_rel", "top", "total", "threshold")}
+    n_taken, best = np.empty(n_i, np.int64), np.empty(n_i, np.int64)
+    e = np.empty((min(_ROWS_PER_BLOCK, n_i), m))
+    hist_sum, hist_cnt, buf = np.empty(_N_BINS), np.empty(_N_BINS, np.int64), np.empty(m, np.float32)
+    cand = np.empty(m, np.float32)
+    for i0 in range(0, n_i, _ROWS_PER_BLOCK):
+        ek = e[:min(_ROWS_PER_BLOCK, n_i - i0)]
+        _log_weight_rows(diff2, lpo, lpt, cls, float(max_exponent), i0, ek, out["min_rel"], out["top"])
+        np.exp(ek, out=ek)
+        _normalise_rows(ek, i0, out["min_rel"], float(adaptive_fraction), int(maxsig), w, sig, out["total"], n_taken,
+                        out["threshold"], best, cand, cand.view(np.int32), hist_sum, hist_cnt, buf)
+    return dict(out, weights=w.reshape(n_i, n_r, n_t), significant=sig.reshape(n_i, n_r, n_t), n_taken=n_taken,
+                best=best)
+
+
+@njit(cache=True, nogil=True)
+def _significant_marginals(w, sig, use_sig, trans_w, orient_w, w_ir):
+    n_i, n_r, n_t = w.shape
+    zero = w.dtype.type(0)
+    for i in range(n_i):
+        for r in range(n_r):
+            acc = 0.0
+            for t in range(n_t):
+                v = w[i, r, t] if (not use_sig or sig[i, r, t]) else zero
+                trans_w[i, t] += v
+                acc += v
+            w_ir[i, r] = acc
+            orient_w[r] += acc
+
+
+def significant_marginals(w: np.ndarray, significant: np.ndarray | None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums of the weights ``w`` (N_i, N_r, N_t) over the ``significant`` samples (all when None), in one
+    pass and without a masked copy: ``(Σ_r w (N_i, N_t), Σ_{i,t} w (N_r,) float64, Σ_t w (N_i, N_r))``."""
+    w = np.ascontiguousarray(w)
+    n_i, n_r, n_t = w.shape
+    trans_w, orient_w, w_ir = np.zeros((n_i, n_t), w.dtype), np.zeros(n_r), np.empty((n_i, n_r), w.dtype)
+    use_sig = significant is not None
+    sig = np.ascontiguousarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
+    _significant_marginals(w, sig, use_sig, trans_w, orient_w, w_ir)
+    return trans_w, orient_w, w_ir
+
+
+@njit(cache=True, nogil=True)
+def _weight_matrix(w, sig, use_sig, act, cols, out):
     n_t = w.shape[2]
+    zero = w.dtype.type(0)
     for a in range(act.shape[0]):
         r = act[a]
         for c in range(cols.shape[0]):
             i = cols[c] // n_t
-            out[a, c] = w[i, r, cols[c] - i * n_t]
+            t = cols[c] - i * n_t
+            out[a, c] = w[i, r, t] if (not use_sig or sig[i, r, t]) else zero
 
 
-def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray, significant: np.ndarray | None = None
+                  ) -> np.ndarray:
     """``out[a, c] = w[i, act[a], t]`` for the (particle, translation) rows ``cols[c] = i·N_t + t`` of
-    ``w`` (N_i, N_r, N_t): the M-step's weight matrix, without the transposed copies."""
+    ``w`` (N_i, N_r, N_t), 0 where not ``significant``: the M-step's weight matrix, without the
+    transposed or masked copies."""
     out = np.empty((len(act), len(cols)), w.dtype)
-    _weight_matrix(np.ascontiguousarray(w), np.asarray(act, np.int64), np.asarray(cols, np.int64), out)
+    use_sig = significant is not None
+    sig = np.ascontiguousarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
+    _weight_matrix(np.ascontiguousarray(w), sig, use_sig, np.asarray(act, np.int64), np.asarray(cols, np.int64),
+                   out)
     return out
 
 

@@ -339,10 +339,48 @@ def test_compiled_float32_posterior_matches_the_float64_path(rng, prior_form):
     np.testing.assert_allclose(got.log_likelihood[ok], ref.log_likelihood[ok], rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(got.best_orientation[ok], ref.best_orientation[ok])
     np.testing.assert_array_equal(got.n_significant, ref.n_significant)
-    assert (got.weights[3] == 0).all() and got.failed[3]
+    np.testing.assert_array_equal(got.significant, ref.significant)
+    np.testing.assert_allclose(got.significant_weight, ref.significant_weight, rtol=2e-4)
+    np.testing.assert_allclose(got.pmax, ref.pmax, rtol=2e-4)
+    np.testing.assert_allclose(got.log_sum_weight[ok], ref.log_sum_weight[ok], rtol=1e-5, atol=1e-5)
+    assert (got.weights[3] == 0).all() and got.failed[3] and not got.significant[3].any()
     if prior_form == "wide":  # the cut leaves the samples 700 beyond the minimum at 0 although their prior is high
         cut = d2[2] - d2[2].min() > 700
         assert (got.weights[2][cut] == 0).all() and got.weights[2][~cut].sum() == pytest.approx(1, rel=1e-5)
+
+
+def test_compiled_posterior_on_peaked_rows_matches_the_separate_steps(rng):
+    # Long rows spread over thousands of diff2 units: most samples lie below float32's smallest normal
+    # weight, stored as 0. The kernel's weights, significance and best sample must equal the steps done
+    # one after another (float64 exp, normalise in float64, cast, significant_coarse, argmax).
+    n_i, n_r, n_t = 6, 700, 9
+    d2 = rng.uniform(0, 3000, size=(n_i, n_r, n_t))
+    d2[:, :40, :] = rng.uniform(0, 60, size=(n_i, 40, n_t))  # a broad peak: dozens of significant samples
+    d2[1, 5, 3] = -200.0  # one dominant sample
+    lpt = -rng.uniform(0, 3, (n_i, n_t))
+    got = posterior_weights(d2.astype(np.float32), log_prior_trans=lpt)
+    d32 = d2.astype(np.float32).astype(np.float64)
+    lw = lpt[:, None, :] - (d32 - d32.reshape(n_i, -1).min(1)[:, None, None])
+    lw[d32 - d32.reshape(n_i, -1).min(1)[:, None, None] > 700] = -np.inf
+    e = np.exp(lw - lw.reshape(n_i, -1).max(1)[:, None, None])
+    tiny = np.finfo(np.float32).tiny
+    e[e < tiny] = 0
+    q = e * (1.0 / e.reshape(n_i, -1).sum(1))[:, None, None]
+    w = np.where(q >= tiny, q, 0).astype(np.float32)
+    np.testing.assert_array_equal(got.weights, w)
+    assert (w == 0).mean() > 0.5 and ((q > 0) & (q < tiny)).any()  # the floors were exercised
+    mask, nsig, thr = significant_coarse(w, 0.999, -1)
+    np.testing.assert_array_equal(got.significant, mask)
+    np.testing.assert_array_equal(got.n_significant, nsig)
+    assert nsig[0] > 30 and nsig[1] == 1
+    np.testing.assert_array_equal(got.best_orientation * n_t + got.best_translation, w.reshape(n_i, -1).argmax(1))
+    # the chunk tasks let the weights overwrite diff2: same posterior, no second array
+    d32 = d2.astype(np.float32)
+    again = posterior_weights(d32, log_prior_trans=lpt, overwrite_diff2=True)
+    assert np.shares_memory(again.weights, d32)
+    np.testing.assert_array_equal(again.weights, w)
+    np.testing.assert_array_equal(again.significant, mask)
+    np.testing.assert_array_equal(again.min_diff2, got.min_diff2)
 
 
 def test_significance_on_float32_posterior_is_stable(rng):
