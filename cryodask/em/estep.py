@@ -94,6 +94,10 @@ def _complex_view(a: Array) -> Array:
 
 
 def _abs2(a: Array) -> Array:
+    if isinstance(a, np.ndarray) and np.iscomplexobj(a):
+        from cryodask.em.kernels import abs2
+
+        return abs2(a)
     return a.real * a.real + a.imag * a.imag
 
 

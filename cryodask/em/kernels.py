@@ -398,6 +398,22 @@ def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray, significant:
 
 
 @njit(cache=True, nogil=True)
+def _abs2_flat(a, out):
+    for j in range(a.shape[0]):
+        v = a[j]
+        out[j] = v.real * v.real + v.imag * v.imag
+
+
+def abs2(a: np.ndarray) -> np.ndarray:
+    """``|a|²`` of a complex array in one pass (the array expression makes three temporaries and reads
+    the interleaved parts with a stride: 7× slower on the projection blocks of the scoring)."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    out = np.empty(flat.shape, flat.real.dtype)
+    _abs2_flat(flat, out)
+    return out.reshape(a.shape)
+
+
+@njit(cache=True, nogil=True)
 def _scaled_rows(X, cols, pid, f, out):
     k = X.shape[1]
     for c in range(cols.shape[0]):
