@@ -11,27 +11,16 @@ The arithmetic is that of :func:`cryodask.ops.project.trilinear_corners`: the gr
 centred Hermitian half (x from 0, y and z centred at ``half_extent``), points with ``x < 0`` are
 mirrored through the origin and their values conjugated, and corner indices are clipped into the
 array (points on the outer edge then get weight 0 at their far corners).
+
+The kernels take the complex arrays as views of their real and imaginary parts and keep the
+arithmetic in the arrays' precision: complex arithmetic on complex64 values with float weights ran
+in double precision, at half the speed (37 → 17 ns per sample for a gather at box 128).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def _corner(x: float, y: float, z: float, half_extent: int, nz: int, ny: int, nx: int):
-    neg = x < 0
-    if neg:
-        x, y, z = -x, -y, -z
-    x0, y0, z0 = math.floor(x), math.floor(y), math.floor(z)
-    fx, fy, fz = x - x0, y - y0, z - z0
-    ix = min(max(int(x0), 0), nx - 2)
-    iy = min(max(int(y0) + half_extent, 0), ny - 2)
-    iz = min(max(int(z0) + half_extent, 0), nz - 2)
-    return neg, ix, iy, iz, fx, fy, fz
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -70,10 +59,11 @@ def slice_gather(data, rotations, kx, ky, pad, half_extent, one, out):
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_extent):
+def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_extent, one):
     """Add ``values[r, k]`` (and ``weights[r, k]``) at ``pad·A_rᵀ (kx_k, ky_k, 0)`` into ``data`` and
-    ``weight`` (z, y, x), spread over the eight corners; pixels with weight <= 0 are skipped."""
-    nz, ny, nx = data.shape
+    ``weight`` (z, y, x), spread over the eight corners; pixels with weight <= 0 are skipped. ``data``
+    (z, y, x, 2) and ``values`` (R, K, 2) hold real and imaginary parts, as in :func:`slice_gather`."""
+    nz, ny, nx = weight.shape
     for r in range(rotations.shape[0]):
         a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
         a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
@@ -84,30 +74,26 @@ def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_ex
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
             z = pad * (kx[k] * a02 + ky[k] * a12)
-            neg, ix, iy, iz, fx, fy, fz = _corner(x, y, z, half_extent, nz, ny, nx)
-            v = values[r, k]
+            neg = x < 0
             if neg:
-                v = v.conjugate()
-            gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
+                x, y, z = -x, -y, -z
+            xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+            fx, fy, fz = x - xf, y - yf, z - zf
+            ix = min(max(int(xf), 0), nx - 2)
+            iy = min(max(int(yf) + half_extent, 0), ny - 2)
+            iz = min(max(int(zf) + half_extent, 0), nz - 2)
+            re = values[r, k, 0]
+            im = -values[r, k, 1] if neg else values[r, k, 1]
+            gx, gy, gz = one - fx, one - fy, one - fz
             for dz in range(2):
                 wz = fz if dz else gz
                 for dy in range(2):
                     wzy = wz * (fy if dy else gy)
                     for dx in range(2):
                         c = wzy * (fx if dx else gx)
-                        data[iz + dz, iy + dy, ix + dx] += c * v
+                        data[iz + dz, iy + dy, ix + dx, 0] += c * re
+                        data[iz + dz, iy + dy, ix + dx, 1] += c * im
                         weight[iz + dz, iy + dy, ix + dx] += c * w
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def _corner2(x: float, y: float, half_extent: int, ny: int, nx: int):
-    neg = x < 0
-    if neg:
-        x, y = -x, -y
-    x0, y0 = math.floor(x), math.floor(y)
-    ix = min(max(int(x0), 0), nx - 2)
-    iy = min(max(int(y0) + half_extent, 0), ny - 2)
-    return neg, ix, iy, x - x0, y - y0
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -139,9 +125,9 @@ def slice_gather_2d(data, rotations, kx, ky, pad, half_extent, one, out):
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def slice_scatter_2d(data, weight, values, weights, rotations, kx, ky, pad, half_extent):
-    """The 2D analogue of :func:`slice_scatter`: bilinear, into ``data`` and ``weight`` (y, x)."""
-    ny, nx = data.shape
+def slice_scatter_2d(data, weight, values, weights, rotations, kx, ky, pad, half_extent, one):
+    """The 2D analogue of :func:`slice_scatter`: bilinear, into ``data`` (y, x, 2) and ``weight`` (y, x)."""
+    ny, nx = weight.shape
     for r in range(rotations.shape[0]):
         a00, a01 = rotations[r, 0, 0], rotations[r, 0, 1]
         a10, a11 = rotations[r, 1, 0], rotations[r, 1, 1]
@@ -151,16 +137,22 @@ def slice_scatter_2d(data, weight, values, weights, rotations, kx, ky, pad, half
                 continue
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
-            neg, ix, iy, fx, fy = _corner2(x, y, half_extent, ny, nx)
-            v = values[r, k]
+            neg = x < 0
             if neg:
-                v = v.conjugate()
-            gx, gy = 1 - fx, 1 - fy
+                x, y = -x, -y
+            xf, yf = np.floor(x), np.floor(y)
+            fx, fy = x - xf, y - yf
+            ix = min(max(int(xf), 0), nx - 2)
+            iy = min(max(int(yf) + half_extent, 0), ny - 2)
+            re = values[r, k, 0]
+            im = -values[r, k, 1] if neg else values[r, k, 1]
+            gx, gy = one - fx, one - fy
             for dy in range(2):
                 wy = fy if dy else gy
                 for dx in range(2):
                     c = wy * (fx if dx else gx)
-                    data[iy + dy, ix + dx] += c * v
+                    data[iy + dy, ix + dx, 0] += c * re
+                    data[iy + dy, ix + dx, 1] += c * im
                     weight[iy + dy, ix + dx] += c * w
 
 
@@ -195,8 +187,11 @@ def scatter(data: np.ndarray, weight: np.ndarray, values: np.ndarray, weights: n
     rdtype = weight.dtype.type
     if weights is None:
         weights = np.ones(values.shape, dtype=rdtype)
+    if not data.flags.c_contiguous:
+        raise ValueError("scatter needs C-contiguous accumulators (it adds through a real view of them)")
     kernel = slice_scatter if data.ndim == 3 else slice_scatter_2d
-    kernel(data, weight, np.ascontiguousarray(values, dtype=data.dtype),
-                  np.ascontiguousarray(weights, dtype=rdtype), np.ascontiguousarray(rotations, dtype=rdtype),
-                  np.ascontiguousarray(kx, dtype=rdtype), np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad),
-                  int(half_extent))
+    vals = np.ascontiguousarray(values, dtype=data.dtype)
+    kernel(data.view(rdtype).reshape(data.shape + (2,)), weight, vals.view(rdtype).reshape(vals.shape + (2,)),
+           np.ascontiguousarray(weights, dtype=rdtype), np.ascontiguousarray(rotations, dtype=rdtype),
+           np.ascontiguousarray(kx, dtype=rdtype), np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad),
+           int(half_extent), rdtype(1))
