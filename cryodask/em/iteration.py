@@ -768,10 +768,15 @@ def _expected_accuracy(proj, sel, mats, C, sigma2, optics, kx, ky, shell, flat, 
         axis /= np.linalg.norm(axis)
         pert = Rotation.from_rotvec(np.deg2rad(_ANGLE_STEPS)[:, None] * axis[None, :]).as_matrix()
         mats_p = (mats[i][None] @ pert).astype(np.float32)
-        pp = proj.sample(mats_p, kx, ky) * ctf[None]
-        d = (np.abs(pp - p0[None]) ** 2 * isg[None]).sum(axis=1) / 2.0
-        j = np.flatnonzero(d > thr)
-        out_r.append(_ANGLE_STEPS[j[0]] if len(j) else _ANGLE_STEPS[-1])
+        angle = _ANGLE_STEPS[-1]
+        for s in range(0, len(_ANGLE_STEPS), 16):  # in steps, as RELION stops at the first angle over
+            pp = proj.sample(mats_p[s:s + 16], kx, ky) * ctf[None]
+            d = (np.abs(pp - p0[None]) ** 2 * isg[None]).sum(axis=1) / 2.0
+            j = np.flatnonzero(d > thr)
+            if len(j):
+                angle = _ANGLE_STEPS[s + j[0]]
+                break
+        out_r.append(angle)
         # shift along x: |P|²·|1 − e^{iφ}|² = |P|²·4 sin²(φ/2)
         phase = 2 * np.pi * kx[None, :] * _SHIFT_STEPS[:, None] / setup.box
         ds = ((np.abs(p0) ** 2 * isg)[None] * 4 * np.sin(phase / 2) ** 2).sum(axis=1) / 2.0

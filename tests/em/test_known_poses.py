@@ -53,3 +53,43 @@ def test_halves_from_random_subset(dataset):
         res = reconstruct_known_poses(client, store, truth, ctf=True)
     assert np.abs(res.half_maps[1]).max() == 0
     assert np.allclose(res.half_maps[0], res.full_map, atol=1e-5 * np.abs(res.full_map).max())
+
+
+def test_expected_accuracy_stops_at_the_first_angle_over_the_threshold():
+    # RELION's calculateExpectedAngularErrors walks the angles up and stops at the first whose change of the
+    # expected image exceeds ln 100; the batched walk must return the angle a walk over all of them finds.
+    from types import SimpleNamespace
+
+    from scipy.spatial.transform import Rotation
+
+    from cryodask.em.iteration import _ANGLE_STEPS, _expected_accuracy
+    from cryodask.ops.project import Projector, slice_pixels
+
+    rng = np.random.default_rng(3)
+    box = 32
+    z, y, x = np.mgrid[:box, :box, :box] - box // 2
+    vol = sum(np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / 8.0)
+              for c in rng.uniform(-8, 8, size=(6, 3)))
+    proj = Projector.from_map(vol.astype(np.float32), pad=2)
+    flat, kx, ky = slice_pixels(box, box // 2 - 1)
+    shell = np.round(np.hypot(kx, ky)).astype(np.int64)
+    mats = Rotation.random(3, random_state=4).as_matrix()
+    C = np.ones((3, box * (box // 2 + 1)), np.float32)
+    optics = np.zeros(3, np.int64)
+    setup = SimpleNamespace(box=box, pixel_size=2.0)
+    for noise in (1e-6, 1e-4, 1e-3, 1.0):  # sharp to blunt: the angle found moves across the batches of 16
+        sigma2 = np.full((1, box // 2 + 1), noise)
+        ar, _ = _expected_accuracy(proj, np.arange(3), mats, C, sigma2, optics, kx, ky, shell, flat, setup)
+        want = []
+        rng_ref = np.random.default_rng(0 + 17)
+        for i in range(3):
+            isg = np.where(shell == 0, 0.0, 1.0 / noise)
+            p0 = proj.sample(mats[[i]].astype(np.float32), kx, ky)[0]
+            axis = rng_ref.standard_normal(3)
+            axis /= np.linalg.norm(axis)
+            pert = Rotation.from_rotvec(np.deg2rad(_ANGLE_STEPS)[:, None] * axis[None, :]).as_matrix()
+            pp = proj.sample((mats[i][None] @ pert).astype(np.float32), kx, ky)
+            d = (np.abs(pp - p0[None]) ** 2 * isg[None]).sum(axis=1) / 2.0
+            j = np.flatnonzero(d > np.log(100.0))
+            want.append(_ANGLE_STEPS[j[0]] if len(j) else _ANGLE_STEPS[-1])
+        assert ar == pytest.approx(np.mean(want), rel=1e-6), noise
