@@ -1226,15 +1226,18 @@ def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: S
 
 def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[int, Any], Any], lpo: Any,
                log_prior_trans: Any, *, n_class: int, n_rc: int, n_over_rot: int, n_over_trans: int,
-               adaptive_fraction: float, logsigma2: Any, block_bytes: int) -> TwoPassResult:
-    """Pass 1 of :func:`score_two_pass`: dense over the union of the particles' significant coarse samples."""
+               adaptive_fraction: float, logsigma2: Any, block_bytes: int,
+               unions: tuple[Any, Any] | None = None) -> TwoPassResult:
+    """Pass 1 of :func:`score_two_pass`: dense over the union of the particles' significant coarse samples
+    (``unions``: :func:`_significant_unions` of ``post_c.significant`` when the caller has them)."""
     xp = array_module(fine.power)
     rdt = fine.power.dtype
     n_i = fine.n_particles
     orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
     sig = post_c.significant
-    rows = xp.nonzero(sig.any(axis=(0, 2)))[0]  # union of significant (class, orientation)
-    tcs = xp.nonzero(sig.any(axis=(0, 1)))[0]  # union of significant coarse translations
+    rows_i, trans_i = _significant_unions(sig) if unions is None else unions
+    rows = xp.nonzero(rows_i.any(axis=0))[0]  # union of significant (class, orientation)
+    tcs = xp.nonzero(trans_i.any(axis=0))[0]  # union of significant coarse translations
     child_t = xp.arange(n_over_trans)
     fine_t = (tcs[:, None] * n_over_trans + child_t[None, :]).reshape(-1)
     fine_sub = fine.select_translations(fine_t)
@@ -1275,7 +1278,17 @@ def _take(x: Any, idx: Any, n: int) -> Any:
     return x[idx] if int(x.shape[0]) == n and np.ndim(x) >= 1 else x
 
 
-def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: float = 500.0) -> list[np.ndarray]:
+def _significant_unions(significant: Any) -> tuple[Any, Any]:
+    """Per particle, the orientations (N_i, N_r) and translations (N_i, N_t) holding a significant sample."""
+    if isinstance(significant, np.ndarray):
+        from cryodask.em.kernels import significant_any
+
+        return significant_any(significant)
+    return significant.any(axis=2), significant.any(axis=1)
+
+
+def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: float = 500.0,
+                unions: tuple[Any, Any] | None = None) -> list[np.ndarray]:
     """Split a chunk's particles into groups whose fine passes are cheaper apart than together.
 
     The fine pass of a group costs about ``n · |R| · |T|`` (particles × union of their significant
@@ -1290,6 +1303,8 @@ def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: f
     ----------
     significant : (N_i, N_r, N_t) bool
         The coarse pass's significant samples (NumPy or CuPy; the grouping runs on the host).
+    unions : optional
+        ``(significant.any(axis=2), significant.any(axis=1))`` when the caller has them.
 
     Returns
     -------
@@ -1297,8 +1312,8 @@ def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: f
     """
     from cryodask.backend import to_numpy
 
-    rows = to_numpy(significant.any(axis=2))
-    trans = to_numpy(significant.any(axis=1))
+    rows, trans = _significant_unions(significant) if unions is None else unions
+    rows, trans = to_numpy(rows), to_numpy(trans)
     n = rows.shape[0]
     if n == 0:
         return []
@@ -1358,7 +1373,9 @@ def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_proj
     xp = array_module(fine.power)
     n_i = fine.n_particles
     out = []
-    for g in fine_groups(post_c.significant, projection_cost=projection_cost, group_cost=group_cost):
+    unions = _significant_unions(post_c.significant)
+    for g in fine_groups(post_c.significant, projection_cost=projection_cost, group_cost=group_cost,
+                         unions=unions):
         gi = xp.asarray(g)
         sub = fine if len(g) == n_i else fine.select_particles(gi)
         pc = post_c if len(g) == n_i else _posterior_rows(post_c, gi)
@@ -1369,6 +1386,7 @@ def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_proj
                              else log_prior_trans),
                          n_class=len(coarse_projections), n_rc=int(coarse_projections[0].shape[0]),
                          n_over_rot=n_over_rot, n_over_trans=n_over_trans, adaptive_fraction=adaptive_fraction,
-                         logsigma2=_take(logsigma2, gi, n_i), block_bytes=block_bytes)
+                         logsigma2=_take(logsigma2, gi, n_i), block_bytes=block_bytes,
+                         unions=tuple(u if len(g) == n_i else u[gi] for u in unions))
         out.append((g, res))
     return out

@@ -398,6 +398,27 @@ def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray, significant:
 
 
 @njit(cache=True, nogil=True)
+def _significant_any(sig, rows, trans):
+    n_i, n_r, n_t = sig.shape
+    for i in range(n_i):
+        for r in range(n_r):
+            for t in range(n_t):
+                if sig[i, r, t]:
+                    rows[i, r] = True
+                    trans[i, t] = True
+
+
+def significant_any(significant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(significant.any(axis=2), significant.any(axis=1))`` of a (N_i, N_r, N_t) mask in one pass
+    (NumPy's reductions over an inner axis of a bool array take two slow passes)."""
+    sig = np.ascontiguousarray(significant, np.bool_)
+    n_i, n_r, n_t = sig.shape
+    rows, trans = np.zeros((n_i, n_r), np.bool_), np.zeros((n_i, n_t), np.bool_)
+    _significant_any(sig, rows, trans)
+    return rows, trans
+
+
+@njit(cache=True, nogil=True)
 def _abs2_flat(a, out):
     for j in range(a.shape[0]):
         v = a[j]

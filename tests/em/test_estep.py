@@ -710,3 +710,14 @@ def test_lazy_terms_equal_the_precomputed_ones(rng, mode):
     assert a.cross is not None and a.n_trans == 3
     np.testing.assert_allclose(a.cross, b.cross, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(score_terms(a, p["P"]), score_terms(b, p["P"]), rtol=1e-12, atol=1e-9)
+
+
+def test_significant_unions_match_numpy(rng):
+    from cryodask.em.estep import _significant_unions
+
+    sig = rng.uniform(size=(7, 40, 9)) < 0.02
+    sig[3] = False  # a particle with nothing significant
+    rows, trans = _significant_unions(sig)
+    np.testing.assert_array_equal(rows, sig.any(axis=2))
+    np.testing.assert_array_equal(trans, sig.any(axis=1))
+    assert rows.any() and not rows[3].any()
