@@ -24,6 +24,31 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, fastmath=False)
+def _corner(x, y, z, half_extent: int, nz: int, ny: int, nx: int):
+    """Mirror (x < 0), lower corner (clipped into the array) and fractions of a 3D point, in its precision."""
+    neg = x < 0
+    if neg:
+        x, y, z = -x, -y, -z
+    xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)  # same precision, a rounding instruction
+    ix = min(max(int(xf), 0), nx - 2)
+    iy = min(max(int(yf) + half_extent, 0), ny - 2)
+    iz = min(max(int(zf) + half_extent, 0), nz - 2)
+    return neg, ix, iy, iz, x - xf, y - yf, z - zf
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _corner2(x, y, half_extent: int, ny: int, nx: int):
+    """The 2D analogue of :func:`_corner`."""
+    neg = x < 0
+    if neg:
+        x, y = -x, -y
+    xf, yf = np.floor(x), np.floor(y)
+    ix = min(max(int(xf), 0), nx - 2)
+    iy = min(max(int(yf) + half_extent, 0), ny - 2)
+    return neg, ix, iy, x - xf, y - yf
+
+
+@njit(cache=True, nogil=True, fastmath=False)
 def slice_gather(data, rotations, kx, ky, pad, half_extent, one, out):
     """``out[r, k]`` = the map's transform at ``pad·A_rᵀ (kx_k, ky_k, 0)``. ``data`` (z, y, x, 2) and
     ``out`` (R, K, 2) hold the real and imaginary parts of the complex arrays; ``one`` is 1 in their
@@ -36,14 +61,7 @@ def slice_gather(data, rotations, kx, ky, pad, half_extent, one, out):
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
             z = pad * (kx[k] * a02 + ky[k] * a12)
-            neg = x < 0
-            if neg:
-                x, y, z = -x, -y, -z
-            xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)  # same precision, a rounding instruction
-            fx, fy, fz = x - xf, y - yf, z - zf
-            ix = min(max(int(xf), 0), nx - 2)
-            iy = min(max(int(yf) + half_extent, 0), ny - 2)
-            iz = min(max(int(zf) + half_extent, 0), nz - 2)
+            neg, ix, iy, iz, fx, fy, fz = _corner(x, y, z, half_extent, nz, ny, nx)
             gx, gy, gz = one - fx, one - fy, one - fz
             w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy  # (dz, dy)
             re = (w00 * (gx * data[iz, iy, ix, 0] + fx * data[iz, iy, ix + 1, 0])
@@ -74,14 +92,7 @@ def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_ex
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
             z = pad * (kx[k] * a02 + ky[k] * a12)
-            neg = x < 0
-            if neg:
-                x, y, z = -x, -y, -z
-            xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
-            fx, fy, fz = x - xf, y - yf, z - zf
-            ix = min(max(int(xf), 0), nx - 2)
-            iy = min(max(int(yf) + half_extent, 0), ny - 2)
-            iz = min(max(int(zf) + half_extent, 0), nz - 2)
+            neg, ix, iy, iz, fx, fy, fz = _corner(x, y, z, half_extent, nz, ny, nx)
             re = values[r, k, 0]
             im = -values[r, k, 1] if neg else values[r, k, 1]
             gx, gy, gz = one - fx, one - fy, one - fz
@@ -107,13 +118,7 @@ def slice_gather_2d(data, rotations, kx, ky, pad, half_extent, one, out):
         for k in range(kx.shape[0]):
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
-            neg = x < 0
-            if neg:
-                x, y = -x, -y
-            xf, yf = np.floor(x), np.floor(y)
-            fx, fy = x - xf, y - yf
-            ix = min(max(int(xf), 0), nx - 2)
-            iy = min(max(int(yf) + half_extent, 0), ny - 2)
+            neg, ix, iy, fx, fy = _corner2(x, y, half_extent, ny, nx)
             gx, gy = one - fx, one - fy
             for c in range(n_ref):
                 re = (gy * (gx * data[c, iy, ix, 0] + fx * data[c, iy, ix + 1, 0])
@@ -137,13 +142,7 @@ def slice_scatter_2d(data, weight, values, weights, rotations, kx, ky, pad, half
                 continue
             x = pad * (kx[k] * a00 + ky[k] * a10)
             y = pad * (kx[k] * a01 + ky[k] * a11)
-            neg = x < 0
-            if neg:
-                x, y = -x, -y
-            xf, yf = np.floor(x), np.floor(y)
-            fx, fy = x - xf, y - yf
-            ix = min(max(int(xf), 0), nx - 2)
-            iy = min(max(int(yf) + half_extent, 0), ny - 2)
+            neg, ix, iy, fx, fy = _corner2(x, y, half_extent, ny, nx)
             re = values[r, k, 0]
             im = -values[r, k, 1] if neg else values[r, k, 1]
             gx, gy = one - fx, one - fy
