@@ -819,6 +819,16 @@ def posterior_weights(diff2: Any, *, log_prior_orient: Any = None, log_prior_tra
                                  logsigma2)
 
 
+def _log_likelihood(xp: Any, top: Any, s: Any, failed: Any, min_diff2: Any, logsigma2: Any) -> tuple[Any, Any]:
+    """``(log_sum_weight, log_likelihood)`` from the largest log-weight ``top`` and ``s = Σ exp(lw − top)``
+    (both 0 for a failed particle)."""
+    log_sum = xp.where(failed, 0.0, top) + xp.log(xp.where(failed, 1.0, s))
+    ll = log_sum - min_diff2
+    if logsigma2 is not None:
+        ll = ll - xp.asarray(logsigma2, dtype=np.float64)
+    return log_sum, ll
+
+
 def _normalised_posterior(xp: Any, w: Any, s: Any, top: Any, failed: Any, min_diff2: Any, adaptive_fraction: float,
                           maxsig: int, logsigma2: Any) -> Posterior:
     """Divide the weights ``w = exp(lw − top)`` by their sums ``s`` (1 where ``failed``), then the
@@ -826,10 +836,7 @@ def _normalised_posterior(xp: Any, w: Any, s: Any, top: Any, failed: Any, min_di
     n_i, n_t = int(w.shape[0]), int(w.shape[2])
     w *= (1.0 / s).astype(w.dtype)[:, None, None]
     w[failed] = 0
-    log_sum = xp.where(failed, 0.0, top) + xp.log(s)
-    ll = log_sum - min_diff2
-    if logsigma2 is not None:
-        ll = ll - xp.asarray(logsigma2, dtype=np.float64)
+    log_sum, ll = _log_likelihood(xp, top, s, failed, min_diff2, logsigma2)
     sig, n_sig, thr = significant_coarse(w, adaptive_fraction, maxsig)
     flat = w.reshape(n_i, -1)
     best = xp.argmax(flat, axis=1)
@@ -863,10 +870,7 @@ def _posterior_compiled(diff2: np.ndarray, log_prior_orient: Any, log_prior_tran
     failed = ~(s > 0)
     offset = np.zeros(n_i) if diff2_offset is None else np.asarray(diff2_offset, np.float64)
     min_diff2 = q["min_rel"] + offset
-    log_sum = np.where(failed, 0.0, q["top"]) + np.log(np.where(failed, 1.0, s))
-    ll = log_sum - min_diff2
-    if logsigma2 is not None:
-        ll = ll - np.asarray(logsigma2, dtype=np.float64)
+    log_sum, ll = _log_likelihood(np, q["top"], s, failed, min_diff2, logsigma2)
     best = q["best"]
     pmax = q["weights"].reshape(n_i, -1)[np.arange(n_i), best].astype(np.float64)
     return Posterior(weights=q["weights"], significant=q["significant"], significant_weight=q["threshold"],

@@ -286,13 +286,8 @@ def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, th
             sig[i] = False
             continue
         f = 1.0 / s
-        # the candidates of the significance walk (see _candidates_row), gathered in the same loop: the
-        # weights sum to 1 up to rounding, and the 0.5 of the cut is far more than that
-        cut = 0.5 * max(0.0, 1.0 - fraction) / m
         wsum = 0.0
         v_best = np.float32(-1.0)
-        smallest = np.inf
-        n = 0
         for j in range(m):
             q = ek[j] * f
             v = np.float32(q) if q >= _FLT_MIN else np.float32(0.0)
@@ -301,16 +296,10 @@ def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, th
             if v > v_best:
                 v_best = v
                 best[i] = j
-            if v > 0:
-                smallest = min(smallest, v)
-                if v >= cut:
-                    cand[n] = v
-                    n += 1
         if not wsum > 0:
             sig[i] = False
             continue
-        n_taken[i], thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, smallest, hist_sum, hist_cnt,
-                                    buf)
+        n_taken[i], thr = _significance_row(wi, wsum, fraction, maxsig, cand, cand_bits, hist_sum, hist_cnt, buf)
         threshold[i] = thr
         t32 = np.float32(thr)
         for j in range(m):
