@@ -37,11 +37,29 @@ from pathlib import Path
 import numpy as np
 
 
-def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int, float]:
+def _tree_cpu(root) -> float:
+    """User + system seconds of a live process tree (each process's own and its reaped children's)."""
+    import psutil
+
+    total = 0.0
+    for p in [root] + root.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_tree(cmd: list[str], cwd: Path, log: Path, on_iteration=None, watch: Path | None = None,
+             ) -> tuple[float, int, int, float]:
     """(wall seconds, peak summed RSS of the process tree in bytes, exit code, CPU seconds of the tree).
 
     The CPU seconds (user + system of every descendant, reaped) barely change when something else
     runs on the machine, unlike the wall time: the check on a figure measured beside other work.
+    With ``watch`` (an output prefix such as ``RR/run``), ``on_iteration(iteration, wall, cpu, peak)``
+    is called each time the program writes a new ``<prefix>_itNNN_optimiser.star``: the figures up
+    to the end of that iteration, which survive the run being killed.
     """
     import psutil
 
@@ -59,6 +77,7 @@ def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int, flo
                 root = psutil.Process(proc.pid)
             except psutil.NoSuchProcess:
                 return
+            seen = set(_iterations(cwd / watch)) if watch else set()
             while proc.poll() is None:
                 total = 0
                 try:
@@ -70,6 +89,14 @@ def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int, flo
                 except psutil.Error:
                     pass
                 peak[0] = max(peak[0], total)
+                if watch and on_iteration:
+                    new = set(_iterations(cwd / watch)) - seen
+                    if new:
+                        seen |= new
+                        try:
+                            on_iteration(max(new), time.perf_counter() - t0, _tree_cpu(root), peak[0])
+                        except psutil.Error:
+                            pass
                 time.sleep(0.2)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -80,6 +107,72 @@ def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int, flo
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return wall, peak[0], rc, cpu
+
+
+def _iterations(prefix: Path) -> list[int]:
+    """Iterations a RELION run has finished under an output prefix (its ``_itNNN_optimiser.star`` files)."""
+    n = len(prefix.name) + 3
+    return sorted(int(f.name[n:n + 3]) for f in prefix.parent.glob(f"{prefix.name}_it[0-9][0-9][0-9]_optimiser.star"))
+
+
+def _continue_command(cmd: list[str], out: str, iteration: int) -> list[str]:
+    """RELION's own command to go on from a finished iteration: the launcher, ``--continue`` and the
+    options that only set how it runs (threads, pool, weights in memory) or when it stops (--iter)."""
+    k = next(i for i, a in enumerate(cmd) if a.startswith("relion_refine"))
+    keep = []
+    for opt in ("--j", "--pool", "--iter"):
+        if opt in cmd:
+            keep += [opt, cmd[cmd.index(opt) + 1]]
+    keep += [a for a in cmd if a == "--dont_combine_weights_via_disc"]
+    return cmd[:k + 1] + ["--continue", f"{out}_it{iteration:03d}_optimiser.star", "--o", out] + keep
+
+
+def run_relion(cmd: list[str], cwd: Path, job: str, resume: bool) -> tuple[float, int, int, float]:
+    """Run RELION's side, keeping its figures at the end of every iteration in ``<job>_relion_progress.json``.
+
+    A refine3d at box 128 runs for hours; when the machine or the session stops it, ``resume``
+    goes on from the last finished iteration with RELION's ``--continue``. The figures add up over
+    finished iterations only (the one cut short is not counted: an uninterrupted run would not have
+    paid it), so they are those of one run. A run cut short before this file was kept counts its
+    wall time from ``ref.mrc`` to its last optimiser file, and its CPU seconds as unknown.
+    """
+    out = cmd[cmd.index("--o") + 1]
+    progress = cwd / f"{job}_relion_progress.json"
+    done = _iterations(cwd / out)
+    segments: list[dict] = []
+    if resume and done:
+        segments = json.loads(progress.read_text()) if progress.is_file() else []
+        if not segments:
+            last = cwd / f"{out}_it{done[-1]:03d}_optimiser.star"
+            segments = [{"from": 0, "to": done[-1], "wall": last.stat().st_mtime - (cwd / "ref.mrc").stat().st_mtime,
+                         "cpu": None, "peak": None}]
+        if segments[-1]["to"] != done[-1]:
+            raise SystemExit(f"{progress}: records iterations up to {segments[-1]['to']} but {out} has "
+                             f"{done[-1]}; delete {cwd / Path(out).parent} to start RELION's side again")
+        first, cmd = done[-1] + 1, _continue_command(cmd, out, done[-1])
+        print(f"{job}: RELION goes on from iteration {done[-1]} ({sum(g['wall'] for g in segments):.0f} s so far)",
+              flush=True)
+    else:
+        first = 0
+        progress.unlink(missing_ok=True)
+
+    def checkpoint(iteration: int, wall: float, cpu: float, peak: int) -> None:
+        now = segments + [{"from": first, "to": iteration, "wall": wall, "cpu": cpu, "peak": peak}]
+        tmp = progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps(now, indent=1))
+        os.replace(tmp, progress)
+
+    wall, peak, rc, cpu = run_tree(cmd, cwd, cwd / f"{job}_relion.log" if not segments else
+                                   cwd / f"{job}_relion_from_it{first:03d}.log", checkpoint, Path(out))
+    done = _iterations(cwd / out)
+    checkpoint(done[-1] if done else first, wall, cpu, peak)
+    segments.append({"from": first, "to": done[-1] if done else first, "wall": wall, "cpu": cpu, "peak": peak})
+    if len(segments) > 1:
+        print(f"{job}: RELION in {len(segments)} parts: " + ", ".join(
+            f"iterations {g['from']}-{g['to']} {g['wall']:.0f} s" for g in segments), flush=True)
+    cpus = [g["cpu"] for g in segments]
+    return (sum(g["wall"] for g in segments), max(g["peak"] or 0 for g in segments), rc,
+            float("nan") if None in cpus else sum(cpus))
 
 
 def _fsc_resolution(vol_path: Path, truth: np.ndarray, apix: float) -> float:
@@ -115,12 +208,15 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", default=None, help="folder to keep the runs in (default: a temporary one)")
     ap.add_argument("--reuse_relion", action="store_true",
                     help="with --keep: take RELION's figures from an earlier run in that folder (its <job>_relion.json)")
+    ap.add_argument("--relion_resume", action="store_true",
+                    help="with --keep: go on with an interrupted RELION run of the job from its last finished "
+                         "iteration (RELION's --continue); its figures add up over finished iterations")
     ap.add_argument("--relion_only", action="store_true",
                     help="with --keep: run RELION's side only and record it (hours for refine3d at 3,000 particles: "
                          "run it on an idle machine, then cryodask's side with --reuse_relion)")
     args = ap.parse_args(argv)
-    if (args.relion_only or args.reuse_relion) and not args.keep:
-        ap.error("--relion_only and --reuse_relion need --keep FOLDER (where RELION's record is kept)")
+    if (args.relion_only or args.reuse_relion or args.relion_resume) and not args.keep:
+        ap.error("--relion_only, --relion_resume and --reuse_relion need --keep FOLDER (where RELION's record is kept)")
     from cryodask.io.mrc import write_map
     from cryodask.ops.filters import low_pass_filter
     from cryodask.simulate import phantom, phantom_variant, simulate_particles, write_simulation
@@ -132,9 +228,13 @@ def main(argv=None) -> None:
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="vs_relion_"))
     tmp.mkdir(parents=True, exist_ok=True)
     sim = simulate_particles([vol_a, vol_b], apix, n=args.n, snr=0.1, seed=3)
-    paths = write_simulation(tmp, sim)  # RELION reads image names relative to its working folder
     labels = sim.truth["rlnClassNumber"].to_numpy().astype(int)
-    write_map(tmp / "ref.mrc", low_pass_filter(vol_a, 30.0, apix), apix)
+    written = all((tmp / f).is_file() for f in ("particles.mrcs", "particles.star", "truth.star", "ref.mrc"))
+    if (args.reuse_relion or args.relion_resume) and written:  # the same data (fixed seeds), left as RELION read it
+        paths = {"stack": tmp / "particles.mrcs", "particles": tmp / "particles.star", "truth": tmp / "truth.star"}
+    else:
+        paths = write_simulation(tmp, sim)  # RELION reads image names relative to its working folder
+        write_map(tmp / "ref.mrc", low_pass_filter(vol_a, 30.0, apix), apix)
     cores = str(args.j)
     it = args.iter
     print(f"data: {args.n} particles, box {box}, {apix:.2f} Å/px, 2 classes; {cores} cores "
@@ -184,7 +284,7 @@ def main(argv=None) -> None:
             ur = rest[0] if rest else float("nan")  # records written before CPU time was kept
             print(f"{job}: RELION's figures from {record}")
         else:
-            tr, mr, rcr, ur = run_tree(rel_cmd, tmp, tmp / f"{job}_relion.log")
+            tr, mr, rcr, ur = run_relion(rel_cmd, tmp, job, resume=args.relion_resume)
             record.write_text(json.dumps([tr, mr, rcr, ur]))
         if args.relion_only:
             print(f"{job}: RELION {tr:.1f} s ({ur:.0f} CPU s), {mr / 2**20:.0f} MiB (rc {rcr}); recorded in {record}",
