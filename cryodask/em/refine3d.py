@@ -386,7 +386,7 @@ def _preflight(session, opts, *, K: int, log) -> Any:
     if continued:  # the sampling the run had reached
         from cryodask.em.state import read_optimiser
 
-        order = read_optimiser(opts["continue_from"])[0].healpix_order
+        order = search_order(read_optimiser(opts["continue_from"])[0])
     no_search = bool(opts.get("skip_align"))  # class3d --skip_align scores one pose per particle and class
     fits = memory_preflight(opts.get("job", "refine3d"), session.client, particles,
                             chunk_given=bool(opts["pool"]) or continued, K=K, pad=opts["pad"] or 2,
@@ -397,6 +397,20 @@ def _preflight(session, opts, *, K: int, log) -> Any:
         opts["pool"] = fits
         particles = _open(opts)
     return particles
+
+
+def search_order(state: Any) -> int:
+    """The HEALPix order whose global grid bounds what a continued run will score.
+
+    The run's own order, except in local searches (from ``--auto_local_healpix_order`` on; refine3d
+    never leaves them): a few hundred orientations around each particle's pose (σ = 2 oversampled
+    steps), fewer than the last global grid (``auto_local_healpix_order − 1``). Counted as a global
+    search at the run's order (order 6: 18.9 million orientations) the memory pre-flight refused a
+    continued run that fits.
+    """
+    if state.local_searches:
+        return max(int(state.healpix_order_original), int(state.auto_local_healpix_order) - 1)
+    return int(state.healpix_order)
 
 
 def _initial_sigma2(run: _Run) -> np.ndarray:

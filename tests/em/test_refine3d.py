@@ -142,6 +142,35 @@ def test_continue_gives_the_same_maps_as_an_uninterrupted_run(small, short_run, 
     np.testing.assert_allclose(a.rlnAngleRot, b.rlnAngleRot)
 
 
+def test_continue_in_local_searches_is_checked_as_a_local_search(small, short_run, client, tmp_path):
+    """A run continued in local searches at order 6 fits: the memory pre-flight counted it as a global
+    search of 18.9 million orientations and refused it."""
+    import re
+    import shutil
+
+    from cryodask.em.refine3d import search_order
+    from cryodask.em.state import read_optimiser
+
+    folder, _, _, paths = small
+    for f in (folder / "A").glob("run_it001_*"):
+        shutil.copy(f, tmp_path / f.name)
+    optimiser = tmp_path / "run_it001_optimiser.star"  # it names its files with absolute paths
+    text = optimiser.read_text().replace(str(folder / "A"), str(tmp_path))
+    text = re.sub(r"(_rlnCryodaskLocalSearches\s+)\d", r"\g<1>1", text)  # as _raise_sampling leaves order 6
+    optimiser.write_text(re.sub(r"(_rlnCryodaskSigmaAngles\s+)\S+", r"\g<1>0.9375", text))
+    sampling = tmp_path / "run_it001_sampling.star"
+    text = re.sub(r"(_rlnHealpixOrder\s+)\d+", r"\g<1>6", sampling.read_text())
+    sampling.write_text(re.sub(r"(_rlnPsiStep\s+)\S+", r"\g<1>0.9375", text))
+    state = read_optimiser(tmp_path / "run_it001_optimiser.star")[0]
+    assert (state.healpix_order, state.local_searches, state.healpix_order_original) == (6, True, 1)
+    assert search_order(state) == 3
+    lines: list[str] = []
+    refine3d(paths["particles"], tmp_path / "run", None, iter=2, client=client,
+             continue_from=tmp_path / "run_it001_optimiser.star", log=lines.append)
+    assert (tmp_path / "run_it002_optimiser.star").is_file()
+    assert any("order 6 local" in line for line in lines), lines
+
+
 def test_continue_from_a_missing_file_is_a_user_error(small, client):
     from cryodask.errors import UserError
 
