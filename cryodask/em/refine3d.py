@@ -400,16 +400,16 @@ def _preflight(session, opts, *, K: int, log) -> Any:
 
 
 def search_order(state: Any) -> int:
-    """The HEALPix order whose global grid bounds what a continued run will score.
+    """The HEALPix order whose global search bounds what a continued run will score.
 
     The run's own order, except in local searches (from ``--auto_local_healpix_order`` on; refine3d
-    never leaves them): a few hundred orientations around each particle's pose (σ = 2 oversampled
-    steps), fewer than the last global grid (``auto_local_healpix_order − 1``). Counted as a global
-    search at the run's order (order 6: 18.9 million orientations) the memory pre-flight refused a
-    continued run that fits.
+    never leaves them): each particle is scored on its own few hundred orientations (σ = 2
+    oversampled steps), less than the global search the run started with, so the run is checked as
+    it was when it started (``healpix_order_original``). Counted as a global search at the run's
+    order (order 6: 18.9 million orientations) the memory pre-flight refused a continued run that fits.
     """
     if state.local_searches:
-        return max(int(state.healpix_order_original), int(state.auto_local_healpix_order) - 1)
+        return int(state.healpix_order_original)
     return int(state.healpix_order)
 
 
