@@ -161,17 +161,17 @@ def run_relion(cmd: list[str], cwd: Path, job: str, resume: bool) -> tuple[float
         first = 0
         progress.unlink(missing_ok=True)
 
-    def checkpoint(iteration: int, wall: float, cpu: float, peak: int) -> None:
+    def checkpoint(iteration: int, wall: float, cpu: float, peak: int) -> list[dict]:
         now = segments + [{"from": first, "to": iteration, "wall": wall, "cpu": cpu, "peak": peak}]
         tmp = progress.with_suffix(".tmp")
         tmp.write_text(json.dumps(now, indent=1))
         os.replace(tmp, progress)
+        return now
 
     wall, peak, rc, cpu = run_tree(cmd, cwd, cwd / f"{job}_relion.log" if not segments else
                                    cwd / f"{job}_relion_from_it{first:03d}.log", checkpoint, Path(out))
     done = _iterations(cwd / out)
-    checkpoint(done[-1] if done else first, wall, cpu, peak)
-    segments.append({"from": first, "to": done[-1] if done else first, "wall": wall, "cpu": cpu, "peak": peak})
+    segments = checkpoint(done[-1] if done else first, wall, cpu, peak)
     if len(segments) > 1:
         print(f"{job}: RELION in {len(segments)} parts: " + ", ".join(
             f"iterations {g['from']}-{g['to']} {g['wall']:.0f} s" for g in segments), flush=True)
