@@ -202,7 +202,9 @@ class Projector:
         idx = xp.asarray(np.mod(k, p))
         kx = np.arange(h + 1)
         idx_x = xp.asarray(np.minimum(kx, p // 2))
-        data = ft[idx][:, idx][:, :, idx_x]
+        # indexing with arrays after a slice leaves the result in another memory order; the gathers read
+        # it (z, y, x) in place, and would copy the whole map on every call otherwise
+        data = xp.ascontiguousarray(ft[idx][:, idx][:, :, idx_x])
         del ft
         kz3 = k[:, None, None]
         ky3 = k[None, :, None]
@@ -396,7 +398,7 @@ class Projector2D:
         ky = np.arange(-h, h + 1)
         valid = (ky > -p // 2) & (ky <= p // 2)
         kx = np.arange(h + 1)
-        data = ft[:, xp.asarray(np.mod(ky, p))][:, :, xp.asarray(np.minimum(kx, p // 2))]
+        data = xp.ascontiguousarray(ft[:, xp.asarray(np.mod(ky, p))][:, :, xp.asarray(np.minimum(kx, p // 2))])
         r2 = ky[:, None] ** 2 + kx[None, :] ** 2
         keep = (r2 <= rad_keep * rad_keep) & valid[:, None] & (kx[None, :] <= p // 2)
         data *= xp.asarray(keep)
