@@ -602,6 +602,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
         ires_new = max(1, min(ires_new, current_size // 2))
         res_new = box * apix / ires_new
         gold = resolution_at(fsc_now, 0.143, apix, box)
+        res_before = m0.current_resolution
         for m in run.models:
             m.current_resolution = res_new
             m.acc_rot[0], m.acc_trans[0] = st.acc_rot, st.acc_trans
@@ -610,20 +611,9 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
         st.has_high_fsc_at_limit = bool(fsc_now[lim_shell] > 0.2)
         # ---- convergence counters (RELION's updateOverallChangesInHiddenVariables); acted on by _start_iteration
         st.iteration = it
-        fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
         if not final:
-            if 1.0 / res_new > st.best_resol_thus_far * 1.0001:
-                st.nr_iter_wo_resol_gain = 0
-                st.best_resol_thus_far = 1.0 / res_new
-            else:
-                st.nr_iter_wo_resol_gain += 1
-            step_px = st.offset_step / 2 ** st.adaptive_oversampling * apix
-            large = ((ch_ori < st.smallest_changes_optimal_orientations * 0.97 and ch_ori > 0.4 * fine_step)
-                     or (ch_off < st.smallest_changes_optimal_offsets * 0.97 and ch_off > 0.4 * step_px))
-            st.nr_iter_wo_large_hidden_variable_changes = 0 if large else \
-                st.nr_iter_wo_large_hidden_variable_changes + 1
-            st.smallest_changes_optimal_orientations = min(st.smallest_changes_optimal_orientations, ch_ori)
-            st.smallest_changes_optimal_offsets = min(st.smallest_changes_optimal_offsets, ch_off)
+            _count_stalled_iterations(st, 1.0 / res_new, 1.0 / res_before if res_before > 0 else 0.0, ch_ori, ch_off,
+                                      apix)
             st.current_changes_optimal_orientations, st.current_changes_optimal_offsets = ch_ori, ch_off
             st.current_changes_optimal_classes = 0.0
         # ---- write the iteration's files
@@ -689,6 +679,40 @@ def _all_shells(box: int) -> np.ndarray:
     return pixel_shells(box, box / 2.0)[3]
 
 
+def _count_stalled_iterations(st, resol: float, resol_before: float, ch_ori: float, ch_off: float,
+                              apix: float) -> None:
+    """RELION's counters of iterations without resolution gain (``updateCurrentResolution``) and without large
+    changes in the hidden variables (``updateOverallChangesInHiddenVariables``), from this iteration's
+    resolution (1/Å), the previous iteration's, and the mean changes in orientation (°) and offset (Å).
+
+    As ``relion_refine_mpi`` computes them: a gain is against the previous iteration, not the best so far;
+    a change is large when it fell by more than 3 % against the smallest so far and is at least 40 % of the
+    sampling step, where the step is the one the run *started* with (RELION's leader rank, which computes
+    these, never updates its own sampling: only the followers raise the HEALPix order). With the current
+    step instead, local searches would need one or two more iterations per order than RELION takes. The
+    class test fails on the first iteration of each order (its smallest is reset to 9,999,999 there), so
+    an order is searched at least twice.
+    """
+    from cryodask.geometry.healpix import angular_step
+
+    if resol <= resol_before + 0.0001:
+        st.nr_iter_wo_resol_gain += 1
+    else:
+        st.nr_iter_wo_resol_gain = 0
+    st.best_resol_thus_far = max(st.best_resol_thus_far, resol)
+    os_ = 2 ** st.adaptive_oversampling
+    ratio_orient = ch_ori / (angular_step(st.healpix_order_original) / os_)
+    ratio_trans = ch_off / (st.offset_step_original * apix / os_)
+    ch_cls = 0.0  # one class per half-set
+    stalled = (1.03 * ch_cls >= st.smallest_changes_optimal_classes
+               and (ratio_trans < 0.40 or 1.03 * ch_off >= st.smallest_changes_optimal_offsets)
+               and (ratio_orient < 0.40 or 1.03 * ch_ori >= st.smallest_changes_optimal_orientations))
+    st.nr_iter_wo_large_hidden_variable_changes = st.nr_iter_wo_large_hidden_variable_changes + 1 if stalled else 0
+    st.smallest_changes_optimal_classes = min(st.smallest_changes_optimal_classes, round(ch_cls))
+    st.smallest_changes_optimal_orientations = min(st.smallest_changes_optimal_orientations, ch_ori)
+    st.smallest_changes_optimal_offsets = min(st.smallest_changes_optimal_offsets, ch_off)
+
+
 def _start_iteration(st, apix: float) -> None:
     """RELION's checkConvergence and updateAngularSampling, at the start of an iteration from the counters of
     the last one: converged, or the next HEALPix order once resolution and hidden variables stall; the final
@@ -729,6 +753,7 @@ def _raise_sampling(st, rms_offset_change_px: float, apix: float) -> None:
     st.nr_iter_wo_large_hidden_variable_changes = 0
     st.smallest_changes_optimal_orientations = 999.0
     st.smallest_changes_optimal_offsets = 999.0
+    st.smallest_changes_optimal_classes = 9999999
 
 
 def _data_table(run: _Run):

@@ -316,3 +316,55 @@ def test_coarse_projections_are_made_once_per_worker_and_reference(tmp_path):
     assert all(k[0] == str(paths[1].resolve()) for k in iteration._COARSE)
     iteration.retain_coarse_projections([])
     assert not iteration._COARSE
+
+
+# A RELION 3.1 auto-refine (mpirun -n 3 relion_refine_mpi, 3,000 simulated particles at box 128, 1.5 Å/px,
+# --healpix_order 2 --offset_step 2 --auto_local_healpix_order 4) wrote these per iteration in its
+# _it0NN_optimiser.star, _sampling.star and _half1_model.star files: HEALPix order, rlnCurrentResolution (Å),
+# rlnOverallAccuracyRotations, rlnChangesOptimalOrientations, rlnChangesOptimalOffsets (Å), and the two
+# counters rlnNumberOfIterWithoutResolutionGain / rlnNumberOfIterWithoutChangingAssignments.
+# It converged after iteration 13 (iteration 14 was the final, joined one).
+_RELION_AUTO_REFINE = [
+    (2, 32.0, 999.0, 90.066031, 4.444721, 1, 0),
+    (2, 12.0, 9.43, 30.466552, 1.695019, 0, 0),
+    (2, 12.0, 2.582, 6.901115, 1.142988, 1, 0),
+    (2, 12.8, 1.627, 5.278784, 0.852396, 2, 0),
+    (2, 12.8, 1.604, 5.544744, 0.914342, 3, 1),
+    (3, 12.0, 1.559, 4.125784, 0.646032, 0, 0),
+    (3, 12.0, 1.332, 2.510488, 0.338015, 1, 1),
+    (4, 11.294118, 1.242, 1.869427, 0.285993, 0, 0),
+    (4, 11.294118, 1.176, 1.076790, 0.203498, 1, 1),
+    (5, 11.294118, 1.150, 0.841315, 0.226311, 1, 0),
+    (5, 11.294118, 1.144, 0.545080, 0.213218, 2, 1),
+    (6, 11.294118, 1.162, 0.375295, 0.198296, 1, 0),
+    (6, 11.294118, 1.142, 0.286831, 0.150142, 2, 1),
+]
+
+
+def test_convergence_counters_and_sampling_follow_relions_mpi_run():
+    """Fed RELION's own resolutions and hidden-variable changes, the counters, the HEALPix order of every
+    iteration and the iteration it converges after are RELION's. Judging changes against the *current*
+    sampling step (what RELION's sequential code reads as) stays at each order twice as long: it counts
+    iteration 7's fall from 4.13° to 2.51° as large (0.67 of 3.75°), where RELION's MPI leader, which never
+    updates its own sampling, compares with the 7.5° step of order 2 and counts the iteration as stalled."""
+    from cryodask.em.refine3d import _count_stalled_iterations, _start_iteration
+    from cryodask.em.state import OptimiserState
+
+    apix = 1.5
+    st = OptimiserState(healpix_order=2, healpix_order_original=2, offset_step=2.0, offset_step_original=2.0,
+                        offset_range=6.0, psi_step=7.5, auto_local_healpix_order=4, n_iterations=999)
+    resolution_before = 30.0  # --ini_high
+    orders, counters = [], []
+    for it, (order, res, acc_rot, ch_ori, ch_off, wo_res, wo_large) in enumerate(_RELION_AUTO_REFINE, start=1):
+        st.iteration = it - 1
+        _start_iteration(st, apix)
+        assert not st.do_join_random_halves, f"converged before iteration {it}"
+        orders.append(st.healpix_order)
+        _count_stalled_iterations(st, 1 / res, 1 / resolution_before, ch_ori, ch_off, apix)
+        st.acc_rot, resolution_before = acc_rot, res
+        counters.append((st.nr_iter_wo_resol_gain, st.nr_iter_wo_large_hidden_variable_changes))
+    assert orders == [row[0] for row in _RELION_AUTO_REFINE]
+    assert counters == [row[5:] for row in _RELION_AUTO_REFINE]
+    st.iteration = len(_RELION_AUTO_REFINE)
+    _start_iteration(st, apix)
+    assert st.has_converged and st.do_join_random_halves
