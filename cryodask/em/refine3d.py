@@ -441,11 +441,10 @@ def _iterate(run: _Run, refs: list[str], log) -> Refine3DResult:
 
 def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     from cryodask.analysis.fsc import resolution_at
-    from cryodask.em.iteration import (IterationSetup, direction_prior, expectation_chunk, particle_results,
-                                       rotation_angle_between)
+    from cryodask.em.iteration import IterationSetup, direction_prior, expectation_chunk, particle_results
     from cryodask.em.iteration import sampling_points, sum_accumulators
     from cryodask.em.mstep import scale_correction, tau2_from_fsc
-    from cryodask.geometry.euler import euler_to_matrix
+    from cryodask.geometry.euler import angular_distance, euler_to_matrix
     from cryodask.geometry.healpix import angular_step
 
     st, client, o = run.state, run.client, run.o
@@ -533,8 +532,9 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
         new_rot = euler_to_matrix(p["rlnAngleRot"].to_numpy(), p["rlnAngleTilt"].to_numpy(),
                                   p["rlnAnglePsi"].to_numpy()).reshape(-1, 3, 3)
         if it > 1 or ("rlnAngleRot" in run.particles.table.particles.columns):
-            ch_ori = float(np.sqrt(np.mean(rotation_angle_between(old_rot, new_rot) ** 2)))
-            ch_off = float(np.sqrt(np.mean(((np.stack([ox, oy], 1) - old_orig) ** 2).sum(axis=1))))
+            # RELION's monitorHiddenVariableChanges: the mean angular distance; the offsets' RMS per coordinate
+            ch_ori = float(np.mean(angular_distance(new_rot, old_rot, st.sym)))
+            ch_off = float(np.sqrt(np.mean(((np.stack([ox, oy], 1) - old_orig) ** 2).sum(axis=1)) / 2.0))
         else:
             ch_ori = ch_off = 999.0
         # ---- M-step: small summaries come to the driver, accumulators stay on the workers

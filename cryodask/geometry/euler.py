@@ -52,3 +52,24 @@ def matrix_to_euler(m: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarra
     gamma = np.where(regular, gamma,
                      np.where(up, np.arctan2(-m[..., 1, 0], m[..., 0, 0]), np.arctan2(m[..., 1, 0], -m[..., 0, 0])))
     return np.rad2deg(alpha), np.rad2deg(beta), np.rad2deg(gamma)
+
+
+def angular_distance(a: npt.ArrayLike, b: npt.ArrayLike, sym: str = "C1") -> np.ndarray:
+    """RELION's angular distance (degrees) between rotation matrices ``a`` and ``b`` ``(..., 3, 3)``:
+    the mean over the three rows (the image axes in map coordinates) of the angle between
+    corresponding rows, the smallest over the symmetry copies ``a·S`` of ``a``
+    (``HealpixSampling::calculateAngularDistance``; auto-refine's "changes in orientations").
+
+    It is not the rotation angle between ``a`` and ``b``: a small rotation by θ about an axis at
+    angle αᵢ to row i moves that row by θ·sin αᵢ, so the mean is about 0.8 θ.
+    """
+    from cryodask.geometry.symmetry import symmetry_group
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    best = None
+    for s in symmetry_group(sym):
+        cos = np.einsum("...ij,...ij->...i", a @ s, b)  # row i of a·S against row i of b
+        d = np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0))).mean(axis=-1)
+        best = d if best is None else np.minimum(best, d)
+    return best

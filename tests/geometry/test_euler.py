@@ -1,6 +1,6 @@
 import numpy as np
 
-from cryodask.geometry.euler import euler_to_matrix, matrix_to_euler
+from cryodask.geometry.euler import angular_distance, euler_to_matrix, matrix_to_euler
 
 
 def test_matrices_are_rotations(rng):
@@ -34,3 +34,20 @@ def test_degenerate_tilt():
         r, t, p = matrix_to_euler(m)
         assert r == 0.0 and abs(t - tilt) < 1e-9
         assert np.allclose(euler_to_matrix(r, t, p), m, atol=1e-9)
+
+
+def test_angular_distance_is_relions_mean_axis_angle_with_symmetry():
+    rng = np.random.default_rng(5)
+    a = euler_to_matrix(*rng.uniform(-180, 180, (3, 50)))
+    theta = 4.0
+    c, s = np.cos(np.deg2rad(theta)), np.sin(np.deg2rad(theta))
+    about_x = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    # b = a·Rx: row i of b is row i of a turned about the map's x axis; rows meet x at angles α_i,
+    # so the mean row angle is θ·mean(sin α_i) to first order, not θ (the rotation angle)
+    b = a @ about_x
+    sin_alpha = np.sqrt(1.0 - a[:, :, 0] ** 2)
+    assert np.allclose(angular_distance(a, b), theta * sin_alpha.mean(axis=1), atol=0.02)
+    # a C4 copy is the same pose under C4 (distance 0) and 90° of in-plane-like change without symmetry
+    quarter = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+    assert np.allclose(angular_distance(a @ quarter, a, "C4"), 0.0, atol=1e-4)
+    assert np.all(angular_distance(a @ quarter, a, "C1") > 20.0)
