@@ -264,19 +264,57 @@ def _log_weight_rows(diff2, lpo, lpt, cls, max_exponent, i0, x, min_rel, top):
                 xk[r * n_t + t] = v
 
 
+#: reassociation for the row sums and maxima only: they vectorise, and their order does not matter beyond
+#: rounding (no NaN reaches them: exponents are finite or _ZERO_EXPONENT)
+_REDUCE = {"reassoc", "nsz", "contract"}
+
+
+@njit(cache=True, nogil=True, fastmath=_REDUCE)
+def _row_sum(e):
+    s = 0.0
+    for j in range(e.shape[0]):
+        s += e[j]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=_REDUCE)
+def _scaled_float32(e, f, w):
+    """``w = float32(e·f)``, values below float32's smallest normal stored as 0; returns (Σw, max w)."""
+    wsum = 0.0
+    vmax = np.float32(0.0)
+    for j in range(e.shape[0]):
+        q = e[j] * f
+        v = np.float32(q) if q >= _FLT_MIN else np.float32(0.0)
+        w[j] = v
+        wsum += v
+        vmax = max(vmax, v)
+    return wsum, vmax
+
+
+@njit(cache=True, nogil=True)
+def _candidates_above(w, cut, cand):
+    """Copy the row's weights ``>= cut`` (and > 0) into ``cand``; returns their count."""
+    n = 0
+    for j in range(w.shape[0]):
+        v = w[j]
+        if v >= cut and v > 0:
+            cand[n] = v
+            n += 1
+    return n
+
+
 @njit(cache=True, nogil=True)
 def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, threshold, best,
                     cand, cand_bits, hist_sum, hist_cnt, buf):
     """From ``e = exp(lw − top)`` of particles ``i0 …``: normalised float32 weights, the best sample and
-    the significance rule, each row while it is in cache."""
+    the significance rule, each row while it is in cache. The passes over a row are kept branch-free
+    where they can be (they vectorise): sum, scale (with the row's sum and max), the candidates the
+    walk could take (few on a peaked row), the mask."""
     m = e.shape[1]
     for k in range(e.shape[0]):
         i = i0 + k
         ek, wi = e[k], w[i]
-        s = 0.0
-        if np.isfinite(min_rel[i]):
-            for j in range(m):
-                s += ek[j]
+        s = _row_sum(ek) if np.isfinite(min_rel[i]) else 0.0
         total[i] = s
         n_taken[i] = 0
         threshold[i] = 0.0
@@ -285,22 +323,26 @@ def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, th
             wi[:] = 0.0
             sig[i] = False
             continue
-        f = 1.0 / s
-        wsum = 0.0
-        v_best = np.float32(-1.0)
-        for j in range(m):
-            q = ek[j] * f
-            v = np.float32(q) if q >= _FLT_MIN else np.float32(0.0)
-            wi[j] = v
-            wsum += v
-            if v > v_best:
-                v_best = v
+        wsum, vmax = _scaled_float32(ek, 1.0 / s, wi)
+        for j in range(m):  # the first sample holding the largest weight
+            if wi[j] == vmax:
                 best[i] = j
+                break
         if not wsum > 0:
             sig[i] = False
             continue
-        n_taken[i], thr = _significance_row(wi, wsum, fraction, maxsig, cand, cand_bits, hist_sum, hist_cnt, buf)
-        threshold[i] = thr
+        # weights below (1 − fraction)·Σw / M together hold less than what the walk leaves out (a quarter of
+        # that, against rounding); with fraction >= 1 every positive weight is a candidate
+        n = _candidates_above(wi, 0.25 * max(0.0, 1.0 - fraction) * wsum / max(m, 1), cand)
+        taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, np.inf, hist_sum, hist_cnt, buf)
+        if taken >= n:  # it may have run through (rounding): then the threshold is the smallest positive weight
+            smallest = np.inf
+            for j in range(m):
+                if wi[j] > 0 and wi[j] < smallest:
+                    smallest = wi[j]
+            taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, smallest, hist_sum, hist_cnt,
+                                   buf)
+        n_taken[i], threshold[i] = taken, thr
         t32 = np.float32(thr)
         for j in range(m):
             sig[i, j] = wi[j] >= t32
