@@ -718,33 +718,51 @@ def _start_iteration(st, apix: float) -> None:
     the last one: converged, or the next HEALPix order once resolution and hidden variables stall; the final
     iteration after convergence or --iter; a new random perturbation. Done here rather than at the end of the
     last iteration, so that its files hold the sampling it used, as RELION's, and a continued run decides
-    the same way."""
+    the same way.
+
+    As RELION, a stall at a sampling already finer than 0.75 × the angular accuracy only marks the sampling
+    fine enough; convergence is declared at the next stall, so the last order runs one more iteration.
+    """
     from cryodask.geometry.healpix import angular_step, next_random_perturbation
 
     if st.iteration < 1 or st.do_join_random_halves:
         return
-    fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
-    if st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1:
-        if fine_step <= 0.75 * st.acc_rot or st.healpix_order >= 7:
-            st.has_converged = True
+    stalled = st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1
+    if stalled and st.has_fine_enough_angular_sampling:
+        st.has_converged = True
+    elif stalled:
+        fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
+        if fine_step < 0.75 * st.acc_rot or st.healpix_order >= 7:
+            st.has_fine_enough_angular_sampling = True
         else:
-            _raise_sampling(st, st.current_changes_optimal_offsets / apix, apix)
+            _raise_sampling(st, st.current_changes_optimal_offsets, apix)
     if st.has_converged or st.iteration >= st.n_iterations:
         st.do_join_random_halves = True
     st.random_perturbation = next_random_perturbation(
         st.random_perturbation, st.perturbation_factor, iteration_rng_seed(st.random_seed, st.iteration))
 
 
-def _raise_sampling(st, rms_offset_change_px: float, apix: float) -> None:
-    """HEALPix order + 1; translations tightened; local searches from auto_local_healpix_order."""
+def _raise_sampling(st, offset_change: float, apix: float) -> None:
+    """HEALPix order + 1, translations as RELION's updateAngularSampling sets them (in Å: a step of 75 % of
+    the translational accuracy, at most 1.5 Å, times the oversampling; a range of five times the RMS change
+    in offsets, at most 1.3 × the last range and at least 1.5 steps, halved when over four steps; never
+    coarser than before), and local searches from ``auto_local_healpix_order``. ``offset_change`` in Å."""
     from cryodask.geometry.healpix import angular_step
 
     st.healpix_order += 1
     st.psi_step = angular_step(st.healpix_order)
-    acc_px = st.acc_trans / apix
     os_ = 2 ** st.adaptive_oversampling
-    st.offset_step = float(min(st.offset_step, max(0.5, min(1.5, 0.75 * acc_px)) * os_))
-    st.offset_range = float(min(st.offset_range, max(2.0 * st.offset_step, 5.0 * rms_offset_change_px)))
+    old_step, old_range = st.offset_step * apix, st.offset_range * apix
+    step = min(1.5, 0.75 * st.acc_trans) * os_
+    rng = min(1.3 * old_range, 5.0 * offset_change)
+    rng = max(rng, 1.5 * step)
+    if rng > 4.0 * step:
+        rng /= 2.0
+    if rng > 4.0 * step:
+        step = rng / 4.0
+    if step > old_step:
+        step, rng = old_step, old_range
+    st.offset_step, st.offset_range = float(step / apix), float(rng / apix)
     if st.healpix_order >= st.auto_local_healpix_order:
         st.local_searches = True
         # RELION: σ² = (2·step)² with the oversampled step (getAngularSampling(adaptive_oversampling))

@@ -109,6 +109,7 @@ class OptimiserState:
     sigma_ang: float = -1.0
     coarse_size: int = -1
     do_join_random_halves: bool = False
+    has_fine_enough_angular_sampling: bool = False
     solvent_mask: str = "None"  # --solvent_mask (a file name, or "None")
     do_skip_align: bool = False
     subtract_map: str = "None"  # class3d --skip_align with a focus mask: the consensus map outside the mask
@@ -163,6 +164,7 @@ _LABELS: dict[str, str] = {
     "sigma_ang": "rlnCryodaskSigmaAngles",
     "coarse_size": "rlnCryodaskCoarseImageSize",
     "do_join_random_halves": "rlnCryodaskJoinRandomHalves",
+    "has_fine_enough_angular_sampling": "rlnCryodaskFineEnoughAngularSampling",
     "solvent_mask": "rlnSolventMaskName",
     "do_skip_align": "rlnDoSkipAlign",
     "subtract_map": "rlnCryodaskSignalSubtractionMap",

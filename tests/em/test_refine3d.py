@@ -323,7 +323,8 @@ def test_coarse_projections_are_made_once_per_worker_and_reference(tmp_path):
 # _it0NN_optimiser.star, _sampling.star and _half1_model.star files: HEALPix order, rlnCurrentResolution (Å),
 # rlnOverallAccuracyRotations, rlnChangesOptimalOrientations, rlnChangesOptimalOffsets (Å), and the two
 # counters rlnNumberOfIterWithoutResolutionGain / rlnNumberOfIterWithoutChangingAssignments.
-# It converged after iteration 13 (iteration 14 was the final, joined one).
+# Iteration 14 found the sampling fine enough (0.47° < 0.75 × 1.14°) and ran at order 6 again; it converged
+# after it (iteration 15 was the final, joined one).
 _RELION_AUTO_REFINE = [
     (2, 32.0, 999.0, 90.066031, 4.444721, 1, 0),
     (2, 12.0, 9.43, 30.466552, 1.695019, 0, 0),
@@ -338,6 +339,7 @@ _RELION_AUTO_REFINE = [
     (5, 11.294118, 1.144, 0.545080, 0.213218, 2, 1),
     (6, 11.294118, 1.162, 0.375295, 0.198296, 1, 0),
     (6, 11.294118, 1.142, 0.286831, 0.150142, 2, 1),
+    (6, 11.294118, 1.172, 0.290419, 0.213190, 3, 2),
 ]
 
 
@@ -368,3 +370,27 @@ def test_convergence_counters_and_sampling_follow_relions_mpi_run():
     st.iteration = len(_RELION_AUTO_REFINE)
     _start_iteration(st, apix)
     assert st.has_converged and st.do_join_random_halves
+
+
+def test_translational_sampling_follows_relions_updates():
+    """RELION's offset step and range at each order raise of the run above (its _sampling.star files, Å), from
+    its accuracy (rlnOverallAccuracyTranslationsAngst of the new iteration) and the last iteration's RMS
+    change in offsets: the range is halved at order 3 (4.57 Å > 4 steps), floored at 1.5 steps at order 5,
+    and at order 6 the step would coarsen, so both stay."""
+    from cryodask.em.refine3d import _raise_sampling
+    from cryodask.em.state import OptimiserState
+
+    apix = 1.5
+    st = OptimiserState(healpix_order=2, offset_step=2.0, offset_range=6.0, auto_local_healpix_order=4)
+    relion = [  # (acc_trans Å, previous change in offsets Å) -> (offset step Å, offset range Å)
+        ((0.750, 0.914342), (1.125, 2.285855)),
+        ((0.651, 0.338015), (0.9765, 1.690073)),
+        ((0.606, 0.203498), (0.909, 1.3635)),
+        ((0.612, 0.213218), (0.909, 1.3635)),
+    ]
+    for (acc_trans, change), (step, rng) in relion:
+        st.acc_trans = acc_trans
+        _raise_sampling(st, change, apix)
+        assert st.offset_step * apix == pytest.approx(step, abs=1e-4)
+        assert st.offset_range * apix == pytest.approx(rng, abs=1e-4)
+    assert st.healpix_order == 6 and st.local_searches
