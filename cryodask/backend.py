@@ -10,6 +10,7 @@ of pixels (``norm="forward"``), the inverse does not.
 
 from __future__ import annotations
 
+import mmap
 from types import ModuleType
 from typing import Any
 
@@ -124,3 +125,25 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, or CUDA errors when no driver is present
         return False
+
+
+def huge_page_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zeros in memory advised for transparent huge pages (Linux; plain ``np.zeros`` elsewhere).
+
+    For the large arrays that trilinear gathers and scatters read at scattered addresses (a projector's
+    map, a backprojector's sums): with 4 KiB pages nearly every sample of a slice misses the TLB
+    (measured: 42 against 29.5 ns a sample for a slice gather at box 128, pad 2). Workers do not advise
+    huge pages for NumPy's other arrays (``NUMPY_MADVISE_HUGEPAGE=0``, see
+    :data:`cryodask.cluster.local.MEMORY_ENVIRON`), whose page faults would then stall on compaction
+    at every task.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < (4 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled by the kernel
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # kernels without THP
+        pass
+    return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)

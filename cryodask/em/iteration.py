@@ -554,6 +554,7 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     flat_c, kx_c, ky_c, sh_c = pixel_shells(box, r_coarse)
     flat_f, kx_f, ky_f, sh_f = pixel_shells(box, r_cur)
     flat_a, _, _, sh_a = pixel_shells(box, box / 2.0)
+    ins_f = ~((kx_f == 0) & (ky_f < 0))  # the Friedel mates BackProjector.insert leaves out
 
     rng = iteration_rng(setup.random_seed, setup.iteration, 1 + int(meta.index[0]) if n else 1)
     norm_in = np.ones(n) if meta.norm is None else np.asarray(meta.norm, np.float64)
@@ -675,13 +676,8 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
             groups, inserts = _score_batch(**kw)
             for c, (mats, data, weight) in enumerate(inserts):
                 if len(mats):  # insert the weighted slices at their orientations
-                    slices = np.zeros((len(mats), box * (box // 2 + 1)), np.complex64)
-                    weights = np.zeros((len(mats), box * (box // 2 + 1)), np.float32)
-                    slices[:, flat_f] = backend.to_numpy(data)
-                    weights[:, flat_f] = backend.to_numpy(weight)
-                    acc.bp[refs[c]].insert(slices.reshape(len(mats), box, box // 2 + 1), mats,
-                                           weights=weights.reshape(len(mats), box, box // 2 + 1))
-                    del slices, weights
+                    acc.bp[refs[c]].insert_pixels(backend.to_numpy(data)[:, ins_f], mats,
+                                                  backend.to_numpy(weight)[:, ins_f], kx_f[ins_f], ky_f[ins_f])
             for g, res, per_class in groups:
                 bg = b[g]
                 fail = backend.to_numpy(res.fine.failed)

@@ -114,6 +114,30 @@ class BackProjector:
         return r2
 
     # -- accumulation -----------------------------------------------------------------------
+    def insert_pixels(self, values: Any, rotations: Any, weights: Any, kx: Any, ky: Any) -> None:
+        """Splat slice values given at a list of Fourier pixels ``(kx, ky)`` (pixels of the map's box), as
+        :meth:`insert` does for whole slices: ``values`` ``(R, K)`` complex, ``weights`` ``(R, K)`` real
+        (pixels with weight <= 0 are skipped). The caller leaves out the ``kx = 0, ky < 0`` pixels
+        (:func:`cryodask.ops.project.slice_pixels` with ``skip_redundant``) and those beyond the
+        accumulators' radius, as :meth:`insert` does. For the E-step, which holds its slices as such lists:
+        no whole-plane arrays are made."""
+        if self.is_symmetrised:
+            raise ValueError("BackProjector.insert_pixels: these accumulators are already symmetrised")
+        xp = backend.array_module(self.data)
+        rdtype = np.float64 if self.data.dtype == np.complex128 else np.float32
+        rot = (_as_rotations if self.ndim == 3 else _as_2d_rotations)(rotations, xp, rdtype)
+        if xp is np:
+            kernels.scatter(self.data, self.weight, np.asarray(values), np.asarray(weights, dtype=rdtype), rot,
+                            np.asarray(kx, dtype=rdtype), np.asarray(ky, dtype=rdtype), self.pad, self.half_extent)
+            return
+        box = self.ori_size
+        flat = (xp.asarray(ky).astype(np.int64) % box) * (box // 2 + 1) + xp.asarray(kx).astype(np.int64)
+        slices = xp.zeros((rot.shape[0], box * (box // 2 + 1)), dtype=self.data.dtype)
+        w = xp.zeros((rot.shape[0], box * (box // 2 + 1)), dtype=rdtype)
+        slices[:, flat] = xp.asarray(values)
+        w[:, flat] = xp.asarray(weights, dtype=rdtype)
+        self.insert(slices.reshape(-1, box, box // 2 + 1), rot, weights=w.reshape(-1, box, box // 2 + 1))
+
     def insert(self, slices: Any, rotations: Any, weights: Any = None) -> None:
         """Splat 2D Fourier slices into the accumulators (in place).
 

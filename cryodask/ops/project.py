@@ -114,6 +114,13 @@ def trilinear_corners(xi: Any, half_extent: int, shape: tuple[int, int, int]) ->
     return index, weight, negative
 
 
+def _on_huge_pages(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` on huge pages (:func:`cryodask.backend.huge_page_zeros`)."""
+    out = backend.huge_page_zeros(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def _as_rotations(rotations: Any, xp: Any, dtype: Any) -> Any:
     r = xp.asarray(rotations, dtype=dtype)
     if r.ndim == 2:
@@ -204,7 +211,11 @@ class Projector:
         idx_x = xp.asarray(np.minimum(kx, p // 2))
         # indexing with arrays after a slice leaves the result in another memory order; the gathers read
         # it (z, y, x) in place, and would copy the whole map on every call otherwise
-        data = xp.ascontiguousarray(ft[idx][:, idx][:, :, idx_x])
+        data = ft[idx][:, idx][:, :, idx_x]
+        if xp is np:  # the gathers read the map at scattered addresses: huge pages spare the TLB misses
+            data = _on_huge_pages(data)
+        else:
+            data = xp.ascontiguousarray(data)
         del ft
         kz3 = k[:, None, None]
         ky3 = k[None, :, None]
@@ -398,7 +409,8 @@ class Projector2D:
         ky = np.arange(-h, h + 1)
         valid = (ky > -p // 2) & (ky <= p // 2)
         kx = np.arange(h + 1)
-        data = xp.ascontiguousarray(ft[:, xp.asarray(np.mod(ky, p))][:, :, xp.asarray(np.minimum(kx, p // 2))])
+        data = ft[:, xp.asarray(np.mod(ky, p))][:, :, xp.asarray(np.minimum(kx, p // 2))]
+        data = _on_huge_pages(data) if xp is np else xp.ascontiguousarray(data)
         r2 = ky[:, None] ** 2 + kx[None, :] ** 2
         keep = (r2 <= rad_keep * rad_keep) & valid[:, None] & (kx[None, :] <= p // 2)
         data *= xp.asarray(keep)

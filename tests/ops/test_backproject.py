@@ -180,3 +180,24 @@ def test_gpu_matches_cpu(rng):
     assert np.allclose(backend.to_numpy(gpu.weight), cpu.weight, atol=1e-4)
     assert np.allclose(backend.to_numpy(gpu.data), cpu.data, atol=1e-3)
     assert np.allclose(backend.to_numpy(gpu.reconstruct()), cpu.reconstruct(), atol=1e-4)
+
+
+def test_insert_pixels_equals_inserting_whole_slices(rng):
+    # the E-step's path: values at a list of pixels within a radius, the kx = 0, ky < 0 mates left out
+    box, r = 32, 11.0
+    rots = euler_to_matrix(*rng.uniform(-180, 180, (3, 4)))
+    flat, kx, ky = slice_pixels(box, r)
+    vals = (rng.standard_normal((4, len(flat))) + 1j * rng.standard_normal((4, len(flat)))).astype(np.complex64)
+    wts = rng.uniform(0, 2, (4, len(flat))).astype(np.float32)
+    wts[:, ::7] = 0.0  # skipped, as in insert
+    slices = np.zeros((4, box * (box // 2 + 1)), np.complex64)
+    weights = np.zeros((4, box * (box // 2 + 1)), np.float32)
+    slices[:, flat], weights[:, flat] = vals, wts
+    whole = BackProjector.zeros(box, r_max=r)
+    whole.insert(slices.reshape(4, box, -1), rots, weights=weights.reshape(4, box, -1))
+    listed = BackProjector.zeros(box, r_max=r)
+    keep = ~((kx == 0) & (ky < 0))
+    listed.insert_pixels(vals[:, keep], rots, wts[:, keep], kx[keep], ky[keep])
+    assert np.abs(whole.data).max() > 0
+    np.testing.assert_array_equal(listed.data, whole.data)
+    np.testing.assert_array_equal(listed.weight, whole.weight)
