@@ -130,9 +130,10 @@ def gpu_available() -> bool:
 def huge_page_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """Zeros in memory advised for transparent huge pages (Linux; plain ``np.zeros`` elsewhere).
 
-    For the large arrays that trilinear gathers and scatters read at scattered addresses (a projector's
-    map, a backprojector's sums): with 4 KiB pages nearly every sample of a slice misses the TLB
-    (measured: 42 against 29.5 ns a sample for a slice gather at box 128, pad 2). Workers do not advise
+    For large, long-lived arrays read at scattered addresses (a projector's map, read by the slice
+    gathers): with 4 KiB pages many samples of a slice miss the TLB (measured: 36-42 against 27-30 ns a
+    sample for a slice gather at box 128, pad 2). Backprojector sums, made afresh for every task, gained
+    nothing measurable (their huge-page faults cost what the TLB saved), so they stay on NumPy's. Workers do not advise
     huge pages for NumPy's other arrays (``NUMPY_MADVISE_HUGEPAGE=0``, see
     :data:`cryodask.cluster.local.MEMORY_ENVIRON`), whose page faults would then stall on compaction
     at every task.
