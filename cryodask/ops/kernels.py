@@ -15,6 +15,13 @@ array (points on the outer edge then get weight 0 at their far corners).
 The kernels take the complex arrays as views of their real and imaginary parts and keep the
 arithmetic in the arrays' precision: complex arithmetic on complex64 values with float weights ran
 in double precision, at half the speed (37 → 17 ns per sample for a gather at box 128).
+
+The 3D kernels go through the pixels a tile at a time, for all rotations, in separate passes: the
+corner arithmetic (which the compiler vectorises once it is alone in its loop), then the scattered
+reads or additions. One loop doing everything per pixel stayed scalar and ran out of registers: a
+gather at box 128 took ~28 ns a sample, ~12 ns in passes (a final-iteration E-step chunk: gather
+8.7 → 4.0 s, scatter 5.0 → 3.4 s). Neighbouring rotations of a local search then also reuse the tile's
+voxels from cache.
 """
 
 from __future__ import annotations
@@ -24,21 +31,8 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _corner(x, y, z, half_extent: int, nz: int, ny: int, nx: int):
-    """Mirror (x < 0), lower corner (clipped into the array) and fractions of a 3D point, in its precision."""
-    neg = x < 0
-    if neg:
-        x, y, z = -x, -y, -z
-    xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)  # same precision, a rounding instruction
-    ix = min(max(int(xf), 0), nx - 2)
-    iy = min(max(int(yf) + half_extent, 0), ny - 2)
-    iz = min(max(int(zf) + half_extent, 0), nz - 2)
-    return neg, ix, iy, iz, x - xf, y - yf, z - zf
-
-
-@njit(cache=True, nogil=True, fastmath=False)
 def _corner2(x, y, half_extent: int, ny: int, nx: int):
-    """The 2D analogue of :func:`_corner`."""
+    """Mirror (x < 0), lower corner (clipped into the array) and fractions of a 2D point, in its precision."""
     neg = x < 0
     if neg:
         x, y = -x, -y
@@ -48,63 +42,123 @@ def _corner2(x, y, half_extent: int, ny: int, nx: int):
     return neg, ix, iy, x - xf, y - yf
 
 
-@njit(cache=True, nogil=True, fastmath=False)
-def slice_gather(data, rotations, kx, ky, pad, half_extent, one, out):
-    """``out[r, k]`` = the map's transform at ``pad·A_rᵀ (kx_k, ky_k, 0)``. ``data`` (z, y, x, 2) and
-    ``out`` (R, K, 2) hold the real and imaginary parts of the complex arrays; ``one`` is 1 in their
-    precision, which the arithmetic keeps (complex arithmetic ran in double precision: half the speed)."""
-    nz, ny, nx = data.shape[0], data.shape[1], data.shape[2]
-    for r in range(rotations.shape[0]):
-        a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
-        a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
-        for k in range(kx.shape[0]):
-            x = pad * (kx[k] * a00 + ky[k] * a10)
-            y = pad * (kx[k] * a01 + ky[k] * a11)
-            z = pad * (kx[k] * a02 + ky[k] * a12)
-            neg, ix, iy, iz, fx, fy, fz = _corner(x, y, z, half_extent, nz, ny, nx)
-            gx, gy, gz = one - fx, one - fy, one - fz
-            w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy  # (dz, dy)
-            re = (w00 * (gx * data[iz, iy, ix, 0] + fx * data[iz, iy, ix + 1, 0])
-                  + w01 * (gx * data[iz, iy + 1, ix, 0] + fx * data[iz, iy + 1, ix + 1, 0])
-                  + w10 * (gx * data[iz + 1, iy, ix, 0] + fx * data[iz + 1, iy, ix + 1, 0])
-                  + w11 * (gx * data[iz + 1, iy + 1, ix, 0] + fx * data[iz + 1, iy + 1, ix + 1, 0]))
-            im = (w00 * (gx * data[iz, iy, ix, 1] + fx * data[iz, iy, ix + 1, 1])
-                  + w01 * (gx * data[iz, iy + 1, ix, 1] + fx * data[iz, iy + 1, ix + 1, 1])
-                  + w10 * (gx * data[iz + 1, iy, ix, 1] + fx * data[iz + 1, iy, ix + 1, 1])
-                  + w11 * (gx * data[iz + 1, iy + 1, ix, 1] + fx * data[iz + 1, iy + 1, ix + 1, 1]))
-            out[r, k, 0] = re
-            out[r, k, 1] = -im if neg else im
+GATHER_TILE = 256  # pixels per tile: the tile's buffers stay in L1, its voxels for nearby rotations in L2
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_extent, one):
+def slice_gather(voxels, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, out, tile):
+    """``out[r, k]`` = the map's transform at ``pad·A_rᵀ (kx_k, ky_k, 0)``.
+
+    ``voxels`` is the (z, y, x) map flattened (its complex values are only copied here, never computed
+    with); ``out`` (R, K, 2) holds the real and imaginary parts of the result; ``one`` is 1 in their
+    precision, which the arithmetic keeps. Pixels are taken a tile at a time for all rotations, in three
+    passes per rotation: corner indices and fractions (vectorised by the compiler), the eight corner
+    values copied into a buffer (the only scattered reads), and the trilinear sums (vectorised). Doing
+    all three per pixel in one loop left it scalar: ~28 ns a sample against ~9 ns at box 128.
+    """
+    n_pix = kx.shape[0]
+    rdtype = kx.dtype
+    sy, sz = nx, ny * nx
+    base = np.empty(tile, np.int64)
+    fxs, fys, fzs, sign = (np.empty(tile, rdtype), np.empty(tile, rdtype), np.empty(tile, rdtype),
+                           np.empty(tile, rdtype))
+    corners = np.empty((8, tile), voxels.dtype)
+    c = corners.view(rdtype)  # (8, 2·tile): real parts at even, imaginary at odd positions
+    re = np.empty(tile, rdtype)
+    im = np.empty(tile, rdtype)
+    for k0 in range(0, n_pix, tile):
+        n = min(tile, n_pix - k0)
+        for r in range(rotations.shape[0]):
+            a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
+            a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
+            for j in range(n):
+                u, v = kx[k0 + j], ky[k0 + j]
+                x = pad * (u * a00 + v * a10)
+                y = pad * (u * a01 + v * a11)
+                z = pad * (u * a02 + v * a12)
+                s = one if x >= 0 else -one  # x < 0: the Hermitian mate, conjugated below
+                x, y, z = x * s, y * s, z * s
+                xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+                ix = min(max(np.int64(xf), 0), nx - 2)
+                iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
+                iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
+                base[j] = iz * sz + iy * sy + ix
+                fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
+            for j in range(n):
+                b = base[j]
+                corners[0, j], corners[1, j] = voxels[b], voxels[b + 1]
+                corners[2, j], corners[3, j] = voxels[b + sy], voxels[b + sy + 1]
+                corners[4, j], corners[5, j] = voxels[b + sz], voxels[b + sz + 1]
+                corners[6, j], corners[7, j] = voxels[b + sz + sy], voxels[b + sz + sy + 1]
+            for j in range(n):
+                fx, fy, fz = fxs[j], fys[j], fzs[j]
+                gx, gy, gz = one - fx, one - fy, one - fz
+                w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy  # (dz, dy)
+                e, o = 2 * j, 2 * j + 1
+                re[j] = (w00 * (gx * c[0, e] + fx * c[1, e]) + w01 * (gx * c[2, e] + fx * c[3, e])
+                         + w10 * (gx * c[4, e] + fx * c[5, e]) + w11 * (gx * c[6, e] + fx * c[7, e]))
+                im[j] = sign[j] * (w00 * (gx * c[0, o] + fx * c[1, o]) + w01 * (gx * c[2, o] + fx * c[3, o])
+                                   + w10 * (gx * c[4, o] + fx * c[5, o]) + w11 * (gx * c[6, o] + fx * c[7, o]))
+            row = out[r]
+            for j in range(n):
+                row[k0 + j, 0] = re[j]
+                row[k0 + j, 1] = im[j]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_extent, one, tile):
     """Add ``values[r, k]`` (and ``weights[r, k]``) at ``pad·A_rᵀ (kx_k, ky_k, 0)`` into ``data`` and
-    ``weight`` (z, y, x), spread over the eight corners; pixels with weight <= 0 are skipped. ``data``
-    (z, y, x, 2) and ``values`` (R, K, 2) hold real and imaginary parts, as in :func:`slice_gather`."""
+    ``weight``, spread over the eight corners; pixels with weight <= 0 are skipped. ``data`` is the
+    (z, y, x) accumulator's real and imaginary parts flattened (2N), ``weight`` its weights flattened
+    (N), ``values`` (R, K, 2) real and imaginary parts. As in :func:`slice_gather`, a tile of pixels at
+    a time for all rotations: corners and the eight contributions are computed in vectorised passes,
+    and only the additions into the accumulators stay scalar."""
     nz, ny, nx = weight.shape
-    for r in range(rotations.shape[0]):
-        a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
-        a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
-        for k in range(kx.shape[0]):
-            w = weights[r, k]
-            if w <= 0:
-                continue
-            x = pad * (kx[k] * a00 + ky[k] * a10)
-            y = pad * (kx[k] * a01 + ky[k] * a11)
-            z = pad * (kx[k] * a02 + ky[k] * a12)
-            neg, ix, iy, iz, fx, fy, fz = _corner(x, y, z, half_extent, nz, ny, nx)
-            re = values[r, k, 0]
-            im = -values[r, k, 1] if neg else values[r, k, 1]
-            gx, gy, gz = one - fx, one - fy, one - fz
-            for dz in range(2):
-                wz = fz if dz else gz
-                for dy in range(2):
-                    wzy = wz * (fy if dy else gy)
-                    for dx in range(2):
-                        c = wzy * (fx if dx else gx)
-                        data[iz + dz, iy + dy, ix + dx, 0] += c * re
-                        data[iz + dz, iy + dy, ix + dx, 1] += c * im
-                        weight[iz + dz, iy + dy, ix + dx] += c * w
+    wflat = weight.reshape(-1)
+    n_pix = kx.shape[0]
+    rdtype = kx.dtype
+    sy, sz = nx, ny * nx
+    offsets = (0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1)
+    base = np.empty(tile, np.int64)
+    add_re = np.empty((8, tile), rdtype)
+    add_im = np.empty((8, tile), rdtype)
+    add_w = np.empty((8, tile), rdtype)
+    for k0 in range(0, n_pix, tile):
+        n = min(tile, n_pix - k0)
+        for r in range(rotations.shape[0]):
+            a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
+            a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
+            vals = values[r]
+            wts = weights[r]
+            for j in range(n):
+                u, v = kx[k0 + j], ky[k0 + j]
+                x = pad * (u * a00 + v * a10)
+                y = pad * (u * a01 + v * a11)
+                z = pad * (u * a02 + v * a12)
+                s = one if x >= 0 else -one  # x < 0: added at the Hermitian mate, conjugated
+                x, y, z = x * s, y * s, z * s
+                xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+                ix = min(max(np.int64(xf), 0), nx - 2)
+                iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
+                iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
+                base[j] = iz * sz + iy * sy + ix
+                fx, fy, fz = x - xf, y - yf, z - zf
+                gx, gy, gz = one - fx, one - fy, one - fz
+                re, im, w = vals[k0 + j, 0], s * vals[k0 + j, 1], wts[k0 + j]
+                for q in range(8):
+                    c = ((fz if q & 4 else gz) * (fy if q & 2 else gy)) * (fx if q & 1 else gx)
+                    add_re[q, j] = c * re
+                    add_im[q, j] = c * im
+                    add_w[q, j] = c * w
+            for j in range(n):
+                if wts[k0 + j] <= 0:
+                    continue
+                b = base[j]
+                for q in range(8):
+                    i = b + offsets[q]
+                    data[2 * i] += add_re[q, j]
+                    data[2 * i + 1] += add_im[q, j]
+                    wflat[i] += add_w[q, j]
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -160,10 +214,10 @@ def gather(data: np.ndarray, rotations: np.ndarray, kx: np.ndarray, ky: np.ndarr
     """Central-slice values ``(R, K)`` of a projector's ``data`` (see :meth:`Projector.sample`)."""
     rdtype = np.float64 if data.dtype == np.complex128 else np.float32
     out = np.empty((rotations.shape[0], kx.shape[0]), dtype=data.dtype)
-    parts = np.ascontiguousarray(data).view(rdtype).reshape(data.shape + (2,))
-    slice_gather(parts, np.ascontiguousarray(rotations, dtype=rdtype), np.ascontiguousarray(kx, dtype=rdtype),
-                 np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad), int(half_extent), rdtype(1),
-                 out.view(rdtype).reshape(out.shape + (2,)))
+    nz, ny, nx = data.shape
+    slice_gather(np.ascontiguousarray(data).reshape(-1), nz, ny, nx, np.ascontiguousarray(rotations, dtype=rdtype),
+                 np.ascontiguousarray(kx, dtype=rdtype), np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad),
+                 int(half_extent), rdtype(1), out.view(rdtype).reshape(out.shape + (2,)), GATHER_TILE)
     return out
 
 
@@ -186,11 +240,13 @@ def scatter(data: np.ndarray, weight: np.ndarray, values: np.ndarray, weights: n
     rdtype = weight.dtype.type
     if weights is None:
         weights = np.ones(values.shape, dtype=rdtype)
-    if not data.flags.c_contiguous:
-        raise ValueError("scatter needs C-contiguous accumulators (it adds through a real view of them)")
-    kernel = slice_scatter if data.ndim == 3 else slice_scatter_2d
+    if not (data.flags.c_contiguous and weight.flags.c_contiguous):
+        raise ValueError("scatter needs C-contiguous accumulators (it adds through flat views of them)")
     vals = np.ascontiguousarray(values, dtype=data.dtype)
-    kernel(data.view(rdtype).reshape(data.shape + (2,)), weight, vals.view(rdtype).reshape(vals.shape + (2,)),
-           np.ascontiguousarray(weights, dtype=rdtype), np.ascontiguousarray(rotations, dtype=rdtype),
-           np.ascontiguousarray(kx, dtype=rdtype), np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad),
-           int(half_extent), rdtype(1))
+    args = (vals.view(rdtype).reshape(vals.shape + (2,)), np.ascontiguousarray(weights, dtype=rdtype),
+            np.ascontiguousarray(rotations, dtype=rdtype), np.ascontiguousarray(kx, dtype=rdtype),
+            np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad), int(half_extent), rdtype(1))
+    if data.ndim == 3:
+        slice_scatter(data.view(rdtype).reshape(-1), weight, *args, GATHER_TILE)
+    else:
+        slice_scatter_2d(data.view(rdtype).reshape(data.shape + (2,)), weight, *args)

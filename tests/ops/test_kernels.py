@@ -18,7 +18,10 @@ def _rotations(n, seed):
 
 
 @pytest.mark.parametrize("double", [False, True])
-def test_gather_equals_the_array_expression(double):
+@pytest.mark.parametrize("tile", [None, 7])  # 7: many tiles, the last one partial
+def test_gather_equals_the_array_expression(double, tile, monkeypatch):
+    if tile:
+        monkeypatch.setattr(kernels, "GATHER_TILE", tile)
     rng = np.random.default_rng(0)
     box = 24
     proj = Projector.from_map(rng.normal(size=(box,) * 3), pad=2, double=double)
@@ -39,7 +42,10 @@ def test_gather_equals_the_array_expression(double):
     assert np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
-def test_scatter_equals_the_array_expression():
+@pytest.mark.parametrize("tile", [None, 7])
+def test_scatter_equals_the_array_expression(tile, monkeypatch):
+    if tile:
+        monkeypatch.setattr(kernels, "GATHER_TILE", tile)
     rng = np.random.default_rng(3)
     box = 20
     bp = BackProjector.zeros(box, pad=2)
