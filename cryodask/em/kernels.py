@@ -5,8 +5,8 @@ array expressions make in several passes over arrays the size of the score array
 with large temporaries:
 
 - the posterior (:func:`posterior_rows`): min diff2, the log-weights, ``exp``, the normalisation,
-  the best sample and RELION's significance rule, a few particles at a time so that their rows stay
-  in cache between the passes; the exponentials by NumPy's vectorised ``exp``. Weights below the
+  the best sample and RELION's significance rule, a particle at a time in blocks of its row that
+  stay in cache between the passes; the exponentials by NumPy's vectorised ``exp``. Weights below the
   smallest normal float32 are stored as 0 (subnormal arithmetic is ~100× slower on x86).
 - the significance threshold (RELION's walk down the sorted weights until their sum exceeds
   ``adaptive_fraction`` of the total): only the weights that the walk could take are kept
@@ -204,8 +204,9 @@ _EXP_FLOOR = float(np.log(np.finfo(np.float32).tiny))
 #: the exponent of samples with weight 0: exp gives 1e-304, a normal float64 that adds nothing to a total ≥ 1
 #: (−inf or an underflowing exponent take NumPy's exp off its vectorised path, 3-6x slower)
 _ZERO_EXPONENT = -700.0
-#: particles per block of :func:`posterior_rows`: their exponents (float64) stay in cache for NumPy's exp
-_ROWS_PER_BLOCK = 4
+#: samples per block of a row in :func:`posterior_rows` (whole orientations): their exponents (float64) stay
+#: in L2 between the passes
+_BLOCK_SAMPLES = 1 << 15
 
 
 @njit(cache=True, nogil=True)
@@ -269,6 +270,48 @@ def _log_weight_rows(diff2, lpo, lpt, cls, max_exponent, i0, x, min_rel, top):
 _REDUCE = {"reassoc", "nsz", "contract"}
 
 
+@njit(cache=True, nogil=True)
+def _row_extent(d, lpo_row, lpt_i, cls):
+    """(min diff2, max(log prior − diff2), max log prior) of one particle's ``d`` (N_r, N_t) over the samples
+    with a finite diff2 and prior; selects, not branches (the signs of a comparison are unpredictable)."""
+    lo, hi, pmax = np.inf, -np.inf, -np.inf
+    for r in range(d.shape[0]):
+        a = lpo_row[r]
+        lt = lpt_i[cls[r]]
+        dr = d[r]
+        for t in range(d.shape[1]):
+            dd = np.float64(dr[t])
+            p = a + lt[t]
+            ok = np.isfinite(dd) and np.isfinite(p)
+            x1 = dd if ok else np.inf
+            x2 = p - dd if ok else -np.inf
+            x3 = p if ok else -np.inf
+            lo = x1 if x1 < lo else lo
+            hi = x2 if x2 > hi else hi
+            pmax = x3 if x3 > pmax else pmax
+    return lo, hi, pmax
+
+
+@njit(cache=True, nogil=True)
+def _exponents(d, lpo_row, lpt_i, cls, lo, hi, max_exponent, r0, x):
+    """``x`` = the exponents ``lw − top`` of orientations ``r0 …`` of one particle (flat, all translations),
+    ``_ZERO_EXPONENT`` where the weight is 0: as :func:`_log_weight_rows`, with the row's extent known."""
+    n_t = d.shape[1]
+    for k in range(x.shape[0] // n_t):
+        r = r0 + k
+        a = lpo_row[r]
+        lt = lpt_i[cls[r]]
+        dr = d[r]
+        xk = x[k * n_t:(k + 1) * n_t]
+        for t in range(n_t):
+            dd = np.float64(dr[t])
+            p = a + lt[t]
+            v = (p - dd) - hi
+            # RELION's cut at diff2 − min > 700; a non-finite diff2 or prior fails one of the tests
+            ok = (dd - lo <= max_exponent) & (v >= _EXP_FLOOR) & (p < np.inf)
+            xk[t] = v if ok else _ZERO_EXPONENT
+
+
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
 def _row_sum(e):
     s = 0.0
@@ -304,56 +347,40 @@ def _candidates_above(w, cut, cand):
 
 
 @njit(cache=True, nogil=True)
-def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, threshold, best,
-                    cand, cand_bits, hist_sum, hist_cnt, buf):
-    """From ``e = exp(lw − top)`` of particles ``i0 …``: normalised float32 weights, the best sample and
-    the significance rule, each row while it is in cache. The passes over a row are kept branch-free
-    where they can be (they vectorise): sum, scale (with the row's sum and max), the candidates the
-    walk could take (few on a peaked row), the mask."""
-    m = e.shape[1]
-    for k in range(e.shape[0]):
-        i = i0 + k
-        ek, wi = e[k], w[i]
-        s = _row_sum(ek) if np.isfinite(min_rel[i]) else 0.0
-        total[i] = s
-        n_taken[i] = 0
-        threshold[i] = 0.0
-        best[i] = 0
-        if not s > 0:
-            wi[:] = 0.0
-            sig[i] = False
-            continue
-        wsum, vmax = _scaled_float32(ek, 1.0 / s, wi)
-        for j in range(m):  # the first sample holding the largest weight
-            if wi[j] == vmax:
-                best[i] = j
-                break
-        if not wsum > 0:
-            sig[i] = False
-            continue
-        # weights below (1 − fraction)·Σw / M together hold less than what the walk leaves out (a quarter of
-        # that, against rounding); with fraction >= 1 every positive weight is a candidate
-        n = _candidates_above(wi, 0.25 * max(0.0, 1.0 - fraction) * wsum / max(m, 1), cand)
-        taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, np.inf, hist_sum, hist_cnt, buf)
-        if taken >= n:  # it may have run through (rounding): then the threshold is the smallest positive weight
-            smallest = np.inf
-            for j in range(m):
-                if wi[j] > 0 and wi[j] < smallest:
-                    smallest = wi[j]
-            taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, smallest, hist_sum, hist_cnt,
-                                   buf)
-        n_taken[i], threshold[i] = taken, thr
-        t32 = np.float32(thr)
-        for j in range(m):
-            sig[i, j] = wi[j] >= t32
+def _significance(wi, wsum, vmax, at, n, fraction, maxsig, sigi, cand, cand_bits, hist_sum, hist_cnt, buf):
+    """(n_taken, threshold, best) of a row of normalised weights ``wi`` whose ``n`` candidates are in
+    ``cand``; the row's largest weight ``vmax`` is first met in the block starting at ``at``. Fills the
+    significance mask ``sigi``."""
+    best = at
+    while wi[best] != vmax:
+        best += 1
+    if not wsum > 0:
+        sigi[:] = False
+        return 0, 0.0, best
+    taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, np.inf, hist_sum, hist_cnt, buf)
+    if taken >= n:  # it may have run through (rounding): then the threshold is the smallest positive weight
+        smallest = np.inf
+        for j in range(wi.shape[0]):
+            if wi[j] > 0 and wi[j] < smallest:
+                smallest = wi[j]
+        taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, smallest, hist_sum, hist_cnt, buf)
+    t32 = np.float32(thr)
+    for j in range(wi.shape[0]):
+        sigi[j] = wi[j] >= t32
+    return taken, thr, best
 
 
 def posterior_rows(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.ndarray, max_exponent: float,
                    adaptive_fraction: float, maxsig: int, overwrite_diff2: bool = False) -> dict[str, np.ndarray]:
     """Normalised posterior of a float32 ``diff2`` (N_i, N_r, N_t) with the log prior
     ``lpo[i, r] + lpt[i, cls[r], t]`` (a first axis of 1 is shared by all particles), and RELION's
-    significance rule, a few particles at a time so that their rows stay in cache between the
-    passes (the exponentials by NumPy's vectorised ``exp``, several times a scalar loop's speed).
+    significance rule.
+
+    A particle at a time, its row in blocks of ``_BLOCK_SAMPLES`` that stay in cache: one pass for the
+    row's extent (min diff2, max log-weight), one for the total ``Σ exp(lw − top)``, and one that makes the
+    exponentials again and writes the float32 weights, their maximum and the candidates of the
+    significance walk (exp twice costs less than a row of float64 exponentials written and read back:
+    ~22 MB a particle at order 3). The exponentials by NumPy's vectorised ``exp``.
 
     Returns a dict: ``weights`` (float32, rows summing to 1, 0 for a non-finite diff2 or prior and
     beyond ``max_exponent``), ``significant`` (bool), ``min_rel`` (the min diff2 over samples with a
@@ -361,7 +388,7 @@ def posterior_rows(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.
     float64; 0 for a particle with nothing scored), ``n_taken`` and ``threshold`` (as
     :func:`significance_threshold`) and ``best`` (flat index of the largest weight). With
     ``overwrite_diff2`` (a C-contiguous float32 ``diff2``) the weights are written over ``diff2``: a
-    block's rows are read in full before its weights are written.
+    row's blocks are read for the last time before its weights are written.
     """
     n_i, n_r, n_t = diff2.shape
     m = n_r * n_t
@@ -369,19 +396,57 @@ def posterior_rows(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.
     diff2 = np.ascontiguousarray(diff2)
     lpo, lpt = np.ascontiguousarray(lpo, np.float64), np.ascontiguousarray(lpt, np.float64)
     cls = np.asarray(cls, np.int64)
+    max_exponent = float(max_exponent)
+    fraction = float(adaptive_fraction)
     w = diff2.reshape(n_i, m) if in_place else np.empty((n_i, m), np.float32)
     sig = np.empty((n_i, m), np.bool_)
-    out = {k: np.empty(n_i) for k in ("min_rel", "top", "total", "threshold")}
-    n_taken, best = np.empty(n_i, np.int64), np.empty(n_i, np.int64)
-    e = np.empty((min(_ROWS_PER_BLOCK, n_i), m))
+    out = {k: np.zeros(n_i) for k in ("min_rel", "top", "total", "threshold")}
+    n_taken, best = np.zeros(n_i, np.int64), np.zeros(n_i, np.int64)
     hist_sum, hist_cnt, buf = np.empty(_N_BINS), np.empty(_N_BINS, np.int64), np.empty(m, np.float32)
     cand = np.empty(m, np.float32)
-    for i0 in range(0, n_i, _ROWS_PER_BLOCK):
-        ek = e[:min(_ROWS_PER_BLOCK, n_i - i0)]
-        _log_weight_rows(diff2, lpo, lpt, cls, float(max_exponent), i0, ek, out["min_rel"], out["top"])
-        np.exp(ek, out=ek)
-        _normalise_rows(ek, i0, out["min_rel"], float(adaptive_fraction), int(maxsig), w, sig, out["total"], n_taken,
-                        out["threshold"], best, cand, cand.view(np.int32), hist_sum, hist_cnt, buf)
+    rows = max(1, _BLOCK_SAMPLES // max(n_t, 1))
+    x = np.empty(rows * n_t)
+    blocks = [(r0, r0 * n_t, min(rows, n_r - r0) * n_t) for r0 in range(0, n_r, rows)]
+    # weights below (1 − fraction)·Σw / M together hold less than what the walk leaves out (a quarter of that,
+    # against rounding; Σw is 1 to float32 rounding): the walk's candidates. fraction >= 1: every positive weight
+    cut = 0.25 * max(0.0, 1.0 - fraction) * (1.0 - 1e-3) / max(m, 1)
+    po, pt = lpo.shape[0] > 1, lpt.shape[0] > 1
+    for i in range(n_i):
+        d, lpo_i, lpt_i, wi = diff2[i], lpo[i if po else 0], lpt[i if pt else 0], w[i]
+        lo, hi, pmax = _row_extent(d, lpo_i, lpt_i, cls)
+        out["min_rel"][i] = lo
+        if not np.isfinite(lo):  # nothing scored: a failed particle
+            wi[:] = 0.0
+            sig[i] = False
+            continue
+        if pmax - hi - lo > max_exponent:  # the largest log-weight may lie beyond the cut: take it exactly
+            _log_weight_rows(diff2[i:i + 1], lpo[i:i + 1] if po else lpo, lpt[i:i + 1] if pt else lpt, cls,
+                             max_exponent, 0, np.empty((1, m)), out["min_rel"][i:i + 1], out["top"][i:i + 1])
+            hi = out["top"][i] - lo
+        out["top"][i] = hi + lo  # the largest log-weight, lw = log prior − (diff2 − min)
+        total = 0.0
+        for r0, j0, n in blocks:
+            xb = x[:n]
+            _exponents(d, lpo_i, lpt_i, cls, lo, hi, max_exponent, r0, xb)
+            total += _row_sum(np.exp(xb, out=xb))
+        out["total"][i] = total
+        if not total > 0:
+            wi[:] = 0.0
+            sig[i] = False
+            continue
+        wsum, vmax, at, n_cand = 0.0, np.float32(0.0), 0, 0
+        for r0, j0, n in blocks:
+            xb = x[:n]
+            _exponents(d, lpo_i, lpt_i, cls, lo, hi, max_exponent, r0, xb)
+            wb = wi[j0:j0 + n]
+            ws, vm = _scaled_float32(np.exp(xb, out=xb), 1.0 / total, wb)
+            wsum += ws
+            if vm > vmax:
+                vmax, at = vm, j0
+            n_cand += _candidates_above(wb, cut, cand[n_cand:])
+        n_taken[i], out["threshold"][i], best[i] = _significance(
+            wi, wsum, vmax, at, n_cand, fraction, int(maxsig), sig[i], cand, cand.view(np.int32), hist_sum,
+            hist_cnt, buf)
     return dict(out, weights=w.reshape(n_i, n_r, n_t), significant=sig.reshape(n_i, n_r, n_t), n_taken=n_taken,
                 best=best)
 
