@@ -109,10 +109,10 @@ def slice_gather(voxels, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, o
 def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_extent, one, tile):
     """Add ``values[r, k]`` (and ``weights[r, k]``) at ``pad·A_rᵀ (kx_k, ky_k, 0)`` into ``data`` and
     ``weight``, spread over the eight corners; pixels with weight <= 0 are skipped. ``data`` is the
-    (z, y, x) accumulator's real and imaginary parts flattened (2N), ``weight`` its weights flattened
-    (N), ``values`` (R, K, 2) real and imaginary parts. As in :func:`slice_gather`, a tile of pixels at
-    a time for all rotations: corners and the eight contributions are computed in vectorised passes,
-    and only the additions into the accumulators stay scalar."""
+    (z, y, x) accumulator's real and imaginary parts flattened (2N), ``weight`` its weights (z, y, x),
+    ``values`` (R, K, 2) real and imaginary parts. As in :func:`slice_gather`, a tile of pixels at a time
+    for all rotations: the corners, then the 24 contributions (8 corners × real, imaginary, weight), in
+    loops of their own, and only the additions into the accumulators in the last, scalar one."""
     nz, ny, nx = weight.shape
     wflat = weight.reshape(-1)
     n_pix = kx.shape[0]
@@ -120,16 +120,14 @@ def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_ex
     sy, sz = nx, ny * nx
     offsets = (0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1)
     base = np.empty(tile, np.int64)
-    add_re = np.empty((8, tile), rdtype)
-    add_im = np.empty((8, tile), rdtype)
-    add_w = np.empty((8, tile), rdtype)
+    fxs, fys, fzs, sign = (np.empty(tile, rdtype), np.empty(tile, rdtype), np.empty(tile, rdtype),
+                           np.empty(tile, rdtype))
+    add = np.empty((24, tile), rdtype)  # rows 0-7: real parts, 8-15: imaginary, 16-23: weights
     for k0 in range(0, n_pix, tile):
         n = min(tile, n_pix - k0)
         for r in range(rotations.shape[0]):
             a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
             a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
-            vals = values[r]
-            wts = weights[r]
             for j in range(n):
                 u, v = kx[k0 + j], ky[k0 + j]
                 x = pad * (u * a00 + v * a10)
@@ -142,23 +140,31 @@ def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_ex
                 iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
                 iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
                 base[j] = iz * sz + iy * sy + ix
-                fx, fy, fz = x - xf, y - yf, z - zf
-                gx, gy, gz = one - fx, one - fy, one - fz
-                re, im, w = vals[k0 + j, 0], s * vals[k0 + j, 1], wts[k0 + j]
-                for q in range(8):
-                    c = ((fz if q & 4 else gz) * (fy if q & 2 else gy)) * (fx if q & 1 else gx)
-                    add_re[q, j] = c * re
-                    add_im[q, j] = c * im
-                    add_w[q, j] = c * w
+                fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
+            vals = values[r, k0:k0 + n]
+            wts = weights[r, k0:k0 + n]
             for j in range(n):
-                if wts[k0 + j] <= 0:
+                fx, fy, fz = fxs[j], fys[j], fzs[j]
+                gx, gy, gz = one - fx, one - fy, one - fz
+                re, im, w = vals[j, 0], sign[j] * vals[j, 1], wts[j]
+                zy0, zy1, zy2, zy3 = gz * gy, gz * fy, fz * gy, fz * fy  # corners in (dz, dy, dx) order
+                c0, c1, c2, c3 = zy0 * gx, zy0 * fx, zy1 * gx, zy1 * fx
+                c4, c5, c6, c7 = zy2 * gx, zy2 * fx, zy3 * gx, zy3 * fx
+                add[0, j], add[1, j], add[2, j], add[3, j] = c0 * re, c1 * re, c2 * re, c3 * re
+                add[4, j], add[5, j], add[6, j], add[7, j] = c4 * re, c5 * re, c6 * re, c7 * re
+                add[8, j], add[9, j], add[10, j], add[11, j] = c0 * im, c1 * im, c2 * im, c3 * im
+                add[12, j], add[13, j], add[14, j], add[15, j] = c4 * im, c5 * im, c6 * im, c7 * im
+                add[16, j], add[17, j], add[18, j], add[19, j] = c0 * w, c1 * w, c2 * w, c3 * w
+                add[20, j], add[21, j], add[22, j], add[23, j] = c4 * w, c5 * w, c6 * w, c7 * w
+            for j in range(n):
+                if wts[j] <= 0:
                     continue
                 b = base[j]
                 for q in range(8):
                     i = b + offsets[q]
-                    data[2 * i] += add_re[q, j]
-                    data[2 * i + 1] += add_im[q, j]
-                    wflat[i] += add_w[q, j]
+                    data[2 * i] += add[q, j]
+                    data[2 * i + 1] += add[8 + q, j]
+                    wflat[i] += add[16 + q, j]
 
 
 @njit(cache=True, nogil=True, fastmath=False)
