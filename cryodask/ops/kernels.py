@@ -20,8 +20,8 @@ The 3D kernels go through the pixels a tile at a time, for all rotations, in sep
 corner arithmetic (which the compiler vectorises once it is alone in its loop), then the scattered
 reads or additions. One loop doing everything per pixel stayed scalar and ran out of registers: a
 gather at box 128 took ~28 ns a sample, ~12 ns in passes (a final-iteration E-step chunk: gather
-8.7 → 4.0 s, scatter 5.0 → 3.4 s). Neighbouring rotations of a local search then also reuse the tile's
-voxels from cache.
+8.7 → 4.0 s, scatter 5.0 → 3.4 s), ~8 ns with each pair of x-neighbours copied at once. Neighbouring
+rotations of a local search then also reuse the tile's voxels from cache.
 """
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ GATHER_TILE = 256  # pixels per tile: the tile's buffers stay in L1, its voxels 
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def slice_gather(voxels, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, out, tile):
+def slice_gather(pairs, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, out, tile):
     """``out[r, k]`` = the map's transform at ``pad·A_rᵀ (kx_k, ky_k, 0)``.
 
-    ``voxels`` is the (z, y, x) map flattened (its complex values are only copied here, never computed
-    with); ``out`` (R, K, 2) holds the real and imaginary parts of the result; ``one`` is 1 in their
-    precision, which the arithmetic keeps. Pixels are taken a tile at a time for all rotations, in three
-    passes per rotation: corner indices and fractions (vectorised by the compiler), the eight corner
-    values copied into a buffer (the only scattered reads), and the trilinear sums (vectorised). Doing
-    all three per pixel in one loop left it scalar: ~28 ns a sample against ~9 ns at box 128.
+    ``pairs`` is the (z, y, x) map flattened and seen as overlapping pairs of x-neighbours (element
+    ``i`` = voxels ``i`` and ``i + 1``, see :func:`gather`): one copy fetches both x-corners. Its values
+    are only copied here, never computed with; ``out`` (R, K, 2) holds the real and imaginary parts of
+    the result; ``one`` is 1 in their precision, which the arithmetic keeps. Pixels are taken a tile at a
+    time for all rotations, in three passes per rotation: corner indices and fractions (vectorised by
+    the compiler), the four corner pairs copied into a buffer (the only scattered reads), and the
+    trilinear sums (vectorised). Doing all three per pixel in one loop left it scalar: ~28 ns a sample
+    against ~8 ns at box 128.
     """
     n_pix = kx.shape[0]
     rdtype = kx.dtype
@@ -62,8 +64,8 @@ def slice_gather(voxels, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, o
     base = np.empty(tile, np.int64)
     fxs, fys, fzs, sign = (np.empty(tile, rdtype), np.empty(tile, rdtype), np.empty(tile, rdtype),
                            np.empty(tile, rdtype))
-    corners = np.empty((8, tile), voxels.dtype)
-    c = corners.view(rdtype)  # (8, 2·tile): real parts at even, imaginary at odd positions
+    corners = np.empty((4, tile), pairs.dtype)
+    c = corners.view(rdtype)  # (4, 4·tile): re0, im0, re1, im1 per pixel
     re = np.empty(tile, rdtype)
     im = np.empty(tile, rdtype)
     for k0 in range(0, n_pix, tile):
@@ -86,19 +88,21 @@ def slice_gather(voxels, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, o
                 fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
             for j in range(n):
                 b = base[j]
-                corners[0, j], corners[1, j] = voxels[b], voxels[b + 1]
-                corners[2, j], corners[3, j] = voxels[b + sy], voxels[b + sy + 1]
-                corners[4, j], corners[5, j] = voxels[b + sz], voxels[b + sz + 1]
-                corners[6, j], corners[7, j] = voxels[b + sz + sy], voxels[b + sz + sy + 1]
+                corners[0, j] = pairs[b]
+                corners[1, j] = pairs[b + sy]
+                corners[2, j] = pairs[b + sz]
+                corners[3, j] = pairs[b + sz + sy]
             for j in range(n):
                 fx, fy, fz = fxs[j], fys[j], fzs[j]
                 gx, gy, gz = one - fx, one - fy, one - fz
                 w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy  # (dz, dy)
-                e, o = 2 * j, 2 * j + 1
-                re[j] = (w00 * (gx * c[0, e] + fx * c[1, e]) + w01 * (gx * c[2, e] + fx * c[3, e])
-                         + w10 * (gx * c[4, e] + fx * c[5, e]) + w11 * (gx * c[6, e] + fx * c[7, e]))
-                im[j] = sign[j] * (w00 * (gx * c[0, o] + fx * c[1, o]) + w01 * (gx * c[2, o] + fx * c[3, o])
-                                   + w10 * (gx * c[4, o] + fx * c[5, o]) + w11 * (gx * c[6, o] + fx * c[7, o]))
+                q = 4 * j
+                re[j] = (w00 * (gx * c[0, q] + fx * c[0, q + 2]) + w01 * (gx * c[1, q] + fx * c[1, q + 2])
+                         + w10 * (gx * c[2, q] + fx * c[2, q + 2]) + w11 * (gx * c[3, q] + fx * c[3, q + 2]))
+                im[j] = sign[j] * (w00 * (gx * c[0, q + 1] + fx * c[0, q + 3])
+                                   + w01 * (gx * c[1, q + 1] + fx * c[1, q + 3])
+                                   + w10 * (gx * c[2, q + 1] + fx * c[2, q + 3])
+                                   + w11 * (gx * c[3, q + 1] + fx * c[3, q + 3]))
             row = out[r]
             for j in range(n):
                 row[k0 + j, 0] = re[j]
@@ -221,7 +225,11 @@ def gather(data: np.ndarray, rotations: np.ndarray, kx: np.ndarray, ky: np.ndarr
     rdtype = np.float64 if data.dtype == np.complex128 else np.float32
     out = np.empty((rotations.shape[0], kx.shape[0]), dtype=data.dtype)
     nz, ny, nx = data.shape
-    slice_gather(np.ascontiguousarray(data).reshape(-1), nz, ny, nx, np.ascontiguousarray(rotations, dtype=rdtype),
+    flat = np.ascontiguousarray(data).reshape(-1)
+    # overlapping 16-byte (or 32-byte) elements at the voxels' stride: element i holds voxels i and i + 1
+    pair = np.complex128 if flat.dtype == np.complex64 else np.dtype([("a", np.complex128), ("b", np.complex128)])
+    pairs = np.ndarray(shape=(flat.shape[0] - 1,), dtype=pair, buffer=flat, strides=(flat.itemsize,))
+    slice_gather(pairs, nz, ny, nx, np.ascontiguousarray(rotations, dtype=rdtype),
                  np.ascontiguousarray(kx, dtype=rdtype), np.ascontiguousarray(ky, dtype=rdtype), rdtype(pad),
                  int(half_extent), rdtype(1), out.view(rdtype).reshape(out.shape + (2,)), GATHER_TILE)
     return out
