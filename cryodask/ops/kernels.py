@@ -42,6 +42,28 @@ def _corner2(x, y, half_extent: int, ny: int, nx: int):
     return neg, ix, iy, x - xf, y - yf
 
 
+@njit(cache=True, nogil=True, fastmath=False)
+def _tile_corners(rotation, kx, ky, k0, pad, half_extent, one, nz, ny, nx, base, fxs, fys, fzs, sign):
+    """For pixels ``k0 …`` (as many as ``base`` holds) under one rotation: the flat index of each point's
+    lower corner (clipped into the array) and its fractions, after mirroring points with ``x < 0``
+    through the origin (``sign`` −1: their values are conjugated). A loop of its own: it vectorises."""
+    a00, a01, a02 = rotation[0, 0], rotation[0, 1], rotation[0, 2]
+    a10, a11, a12 = rotation[1, 0], rotation[1, 1], rotation[1, 2]
+    for j in range(base.shape[0]):
+        u, v = kx[k0 + j], ky[k0 + j]
+        x = pad * (u * a00 + v * a10)
+        y = pad * (u * a01 + v * a11)
+        z = pad * (u * a02 + v * a12)
+        s = one if x >= 0 else -one
+        x, y, z = x * s, y * s, z * s
+        xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
+        ix = min(max(np.int64(xf), 0), nx - 2)
+        iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
+        iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
+        base[j] = (iz * ny + iy) * nx + ix
+        fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
+
+
 GATHER_TILE = 256  # pixels per tile: the tile's buffers stay in L1, its voxels for nearby rotations in L2
 
 
@@ -71,21 +93,8 @@ def slice_gather(pairs, nz, ny, nx, rotations, kx, ky, pad, half_extent, one, ou
     for k0 in range(0, n_pix, tile):
         n = min(tile, n_pix - k0)
         for r in range(rotations.shape[0]):
-            a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
-            a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
-            for j in range(n):
-                u, v = kx[k0 + j], ky[k0 + j]
-                x = pad * (u * a00 + v * a10)
-                y = pad * (u * a01 + v * a11)
-                z = pad * (u * a02 + v * a12)
-                s = one if x >= 0 else -one  # x < 0: the Hermitian mate, conjugated below
-                x, y, z = x * s, y * s, z * s
-                xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
-                ix = min(max(np.int64(xf), 0), nx - 2)
-                iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
-                iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
-                base[j] = iz * sz + iy * sy + ix
-                fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
+            _tile_corners(rotations[r], kx, ky, k0, pad, half_extent, one, nz, ny, nx, base[:n], fxs[:n], fys[:n],
+                          fzs[:n], sign[:n])
             for j in range(n):
                 b = base[j]
                 corners[0, j] = pairs[b]
@@ -130,21 +139,8 @@ def slice_scatter(data, weight, values, weights, rotations, kx, ky, pad, half_ex
     for k0 in range(0, n_pix, tile):
         n = min(tile, n_pix - k0)
         for r in range(rotations.shape[0]):
-            a00, a01, a02 = rotations[r, 0, 0], rotations[r, 0, 1], rotations[r, 0, 2]
-            a10, a11, a12 = rotations[r, 1, 0], rotations[r, 1, 1], rotations[r, 1, 2]
-            for j in range(n):
-                u, v = kx[k0 + j], ky[k0 + j]
-                x = pad * (u * a00 + v * a10)
-                y = pad * (u * a01 + v * a11)
-                z = pad * (u * a02 + v * a12)
-                s = one if x >= 0 else -one  # x < 0: added at the Hermitian mate, conjugated
-                x, y, z = x * s, y * s, z * s
-                xf, yf, zf = np.floor(x), np.floor(y), np.floor(z)
-                ix = min(max(np.int64(xf), 0), nx - 2)
-                iy = min(max(np.int64(yf) + half_extent, 0), ny - 2)
-                iz = min(max(np.int64(zf) + half_extent, 0), nz - 2)
-                base[j] = iz * sz + iy * sy + ix
-                fxs[j], fys[j], fzs[j], sign[j] = x - xf, y - yf, z - zf, s
+            _tile_corners(rotations[r], kx, ky, k0, pad, half_extent, one, nz, ny, nx, base[:n], fxs[:n], fys[:n],
+                          fzs[:n], sign[:n])
             vals = values[r, k0:k0 + n]
             wts = weights[r, k0:k0 + n]
             for j in range(n):
