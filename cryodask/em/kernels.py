@@ -398,28 +398,11 @@ def _normalise_rows(e, i0, min_rel, fraction, maxsig, w, sig, total, n_taken, th
             sig[i] = False
             continue
         wsum, vmax = _scaled_float32(ek, 1.0 / s, wi)
-        for j in range(m):  # the first sample holding the largest weight
-            if wi[j] == vmax:
-                best[i] = j
-                break
-        if not wsum > 0:
-            sig[i] = False
-            continue
         # weights below (1 − fraction)·Σw / M together hold less than what the walk leaves out (a quarter of
         # that, against rounding); with fraction >= 1 every positive weight is a candidate
         n = _candidates_above(wi, 0.25 * max(0.0, 1.0 - fraction) * wsum / max(m, 1), cand)
-        taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, np.inf, hist_sum, hist_cnt, buf)
-        if taken >= n:  # it may have run through (rounding): then the threshold is the smallest positive weight
-            smallest = np.inf
-            for j in range(m):
-                if wi[j] > 0 and wi[j] < smallest:
-                    smallest = wi[j]
-            taken, thr = _walk_row(cand[:n], cand_bits[:n], wsum, fraction, maxsig, smallest, hist_sum, hist_cnt,
-                                   buf)
-        n_taken[i], threshold[i] = taken, thr
-        t32 = np.float32(thr)
-        for j in range(m):
-            sig[i, j] = wi[j] >= t32
+        n_taken[i], threshold[i], best[i] = _significance(wi, wsum, vmax, 0, n, fraction, maxsig, sig[i], cand,
+                                                          cand_bits, hist_sum, hist_cnt, buf)
 
 
 def posterior_rows(diff2: np.ndarray, lpo: np.ndarray, lpt: np.ndarray, cls: np.ndarray, max_exponent: float,
