@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
          + np.sqrt(sigma2) * (rng.normal(size=(n_i, k)) + 1j * rng.normal(size=(n_i, k)))).astype(cdt)
     lpt = estep.gaussian_log_prior_trans(trans, np.zeros((n_i, 2)), sigma_offset=10.0, angpix=1.0)
     block_bytes = int(args.block_mb * 2**20)
-    nb = estep._orientation_block(n_i * n_t, n_r, np.dtype(rdt).itemsize, block_bytes)
+    bi, nb = estep._gemm_blocks(n_i, n_t, n_r, np.dtype(rdt).itemsize, block_bytes)
 
     # --- reference: numpy.matmul on the same shapes as the big GEMM (rows capped to bound the time),
     # measured before and after the chunk; the faster figure is the machine's rate.
-    m_ref = min(n_i * n_t, 8192)
+    m_ref = min(bi * n_t, 8192)
     A = rng.normal(size=(m_ref, 2 * k)).astype(rdt)
     B = rng.normal(size=(2 * k, nb)).astype(rdt)
 

@@ -400,9 +400,9 @@ def _single_pass(setup: Class2DSetup, px: dict[str, Any], old: np.ndarray, n_sco
                              orient_class=np.repeat(np.arange(n_score), R), adaptive_fraction=setup.adaptive_fraction,
                              diff2_offset=terms.constant, logsigma2=log_sigma2_term(px["isg"]), overwrite_diff2=True)
     del diff2
-    blocks = [(post.weights[:, k * R:(k + 1) * R, :], post.significant[:, k * R:(k + 1) * R, :], P[k], psi)
-              for k in range(n_score)]
-    return dict(blocks=blocks, T=T, ramps=ramps, Xm_s=Xm_s, best_class=post.best_orientation // R,
+    return dict(weights=post.weights, significant=post.significant, starts=np.arange(n_score + 1) * R,
+                projections=[P[k] for k in range(n_score)], psi=[psi] * n_score, T=T, ramps=ramps, Xm_s=Xm_s,
+                best_class=post.best_orientation // R,
                 best_psi=psi[post.best_orientation % R], best_t=T[post.best_translation], pmax=post.pmax,
                 n_significant=post.n_significant, log_likelihood=post.log_likelihood, failed=post.failed)
 
@@ -443,15 +443,13 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
                              lpo[:, None], len(psi_c), axis=1), log_prior_trans=lpt,
                          adaptive_fraction=setup.adaptive_fraction, logsigma2=log_sigma2_term(px["isg"]))
     del coarse, fine
-    blocks = []
-    for k in range(n_score):
-        w, sig = res.class_weights(k)
-        fc = res.classes[k]
-        blocks.append((w, sig, fc.projections, psi_f[np.asarray(fc.orientations, np.int64)]))
     sel = np.asarray(res.fine_translations, np.int64)
     cls, orient, tidx = res.best_pose()
     ramps = ramps_f[sel]
-    return dict(blocks=blocks, T=T_f[sel], ramps=ramps, Xm_s=precompute_shifted(px["Xm"], ramps), best_class=cls,
+    return dict(weights=res.fine.weights, significant=res.fine.significant,
+                starts=np.array([fc.start for fc in res.classes] + [res.classes[-1].stop]),
+                projections=[fc.projections for fc in res.classes],
+                psi=[psi_f[np.asarray(fc.orientations, np.int64)] for fc in res.classes], T=T_f[sel], ramps=ramps, Xm_s=precompute_shifted(px["Xm"], ramps), best_class=cls,
                 best_psi=psi_f[orient], best_t=T_f[tidx], pmax=res.fine.pmax,
                 n_significant=res.coarse.n_significant, log_likelihood=res.fine.log_likelihood,
                 failed=res.fine.failed | res.coarse.failed)
@@ -467,12 +465,27 @@ def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
     return max(1, int(budget // max(1, 3 * 8 * n_trans * n_pixels)))
 
 
+#: the M-step sums take all classes in one pair of GEMMs when that scores at most this many times the
+#: (particle, orientation) pairs of one pair of GEMMs per class (the per-class calls repeat the passes over
+#: the images and the weights; one call pays for the pairs of particles with no weight in a class)
+STACK_CLASSES_COST = 1.5
+
+
+def _stack_classes(present: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether :func:`cryodask.em.estep.mstep_sums` takes all classes at once: ``present`` (n, K) says
+    which classes hold each particle's significant samples, ``sizes`` (K,) the classes' orientations."""
+    per_class = float((present.sum(axis=0) * sizes).sum())
+    stacked = float(present.any(axis=1).sum() * sizes.sum())
+    return len(sizes) > 1 and stacked <= STACK_CLASSES_COST * per_class
+
+
 def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray, n_optics: int,
                        old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
                        bps: list[Any], acc: dict[str, Any], group: np.ndarray) -> dict[str, np.ndarray]:
     """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
     from cryodask.em.estep import mstep_sums, precompute_shifted
     from cryodask.em.iteration import shell_sums
+    from cryodask.em.kernels import class_presence
 
     box, apix, K = setup.box, setup.pixel_size, setup.n_classes
     nsh = box // 2 + 1
@@ -498,31 +511,56 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
     wdiff2 = np.zeros(len(ft))  # --norm: Σ_φ w Σ_k |X − A|² per particle
     half_shape = (box, box // 2 + 1)
     batch_groups, local_group = np.unique(group, return_inverse=True)  # the batch's scale groups
-    for k in range(K):
-        w, sig, Pk, psi_k = s["blocks"][k]
-        if w.shape[1] == 0 or not bool((w * sig).any()):
+    W, sig, starts = s["weights"], s["significant"], np.asarray(s["starts"], np.int64)
+    present = class_presence(sig, starts)  # (n, K): which classes hold a particle's significant samples
+    sizes = np.diff(starts)
+    kw = dict(ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s, group=optics,
+              n_groups=n_optics, scale_group=local_group, n_scale_groups=len(batch_groups))
+    if _stack_classes(present, sizes):
+        orient_class = np.repeat(np.arange(K), sizes)
+        sums = mstep_sums(W, Xu_s, np.concatenate(s["projections"]), significant=sig, offset_diff2=d2,
+                          orient_class=orient_class, n_classes=K, **kw)
+        psi_all = np.concatenate(s["psi"])
+        parts = [(sums, np.flatnonzero(orient_class[np.asarray(sums.orientations)] == k), psi_all, k)
+                 for k in range(K)]
+        ctw = np.asarray(sums.class_translation_weight, np.float64)
+        class_tw = [ctw[:, k, :] for k in range(K)]
+        shared = [sums]
+    else:
+        parts, class_tw, shared = [], [], []
+        for k in range(K):
+            a, b = int(starts[k]), int(starts[k + 1])
+            if b == a or not present[:, k].any():
+                class_tw.append(None)
+                continue
+            sk = mstep_sums(W[:, a:b], Xu_s, s["projections"][k], significant=sig[:, a:b], offset_diff2=d2[:, k, :],
+                            **kw)
+            parts.append((sk, np.arange(len(sk.orientations)), s["psi"][k], k))
+            class_tw.append(np.asarray(sk.translation_weight, np.float64))
+            shared.append(sk)
+    for sk, rows, psi_k, k in parts:  # the slices of class k
+        if not len(rows):
             continue
-        sums = mstep_sums(w, Xu_s, Pk, ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s,
-                          significant=sig, group=optics, n_groups=n_optics, scale_group=local_group,
-                          n_scale_groups=len(batch_groups), offset_diff2=d2[:, k, :])
-        m = len(sums.orientations)
+        m = len(rows)
         slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
         weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
-        slices[:, flat] = sums.data
-        weights[:, flat] = sums.weight
-        bps[k].insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sums.orientations)],
+        slices[:, flat] = sk.data[rows]
+        weights[:, flat] = sk.weight[rows]
+        bps[k].insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sk.orientations)[rows]],
                       weights=weights.reshape((m,) + half_shape))
+    for sk in shared:  # sums over classes
         for g in range(n_optics):
-            acc["sigma2_sum"][g] += np.bincount(shell, weights=sums.sigma2_noise[g].astype(np.float64),
+            acc["sigma2_sum"][g] += np.bincount(shell, weights=sk.sigma2_noise[g].astype(np.float64),
                                                 minlength=nsh)[:nsh]
         if acc["signal_product"] is not None:  # the batch's groups are distinct: += by index is a sum
-            acc["signal_product"][batch_groups] += shell_sums(sums.signal_product, shell, nsh)
-            acc["reference_power"][batch_groups] += shell_sums(sums.reference_power, shell, nsh)
-        wdiff2 += np.asarray(sums.wdiff2, np.float64)
-        acc["class_weight"][k] += sums.class_weight
-        tw = np.asarray(sums.translation_weight, np.float64)  # (n, T)
-        acc["offset_sum"][k] += tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
-        acc["sigma2_offset"] += sums.sigma2_offset
+            acc["signal_product"][batch_groups] += shell_sums(sk.signal_product, shell, nsh)
+            acc["reference_power"][batch_groups] += shell_sums(sk.reference_power, shell, nsh)
+        wdiff2 += np.asarray(sk.wdiff2, np.float64)
+        acc["sigma2_offset"] += sk.sigma2_offset
+    for k, tw in enumerate(class_tw):  # (n, T) per class
+        if tw is not None:
+            acc["class_weight"][k] += tw.sum()
+            acc["offset_sum"][k] += tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
     return dict(class_number=best_class + 1, psi=np.asarray(s["best_psi"], np.float64),
                 origins_px=old + np.asarray(s["best_t"]), pmax=np.asarray(s["pmax"], np.float64),
                 n_significant=np.asarray(s["n_significant"], np.int64),

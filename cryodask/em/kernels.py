@@ -504,31 +504,68 @@ def _long_rows(diff2, lpo, lpt, cls, max_exponent, fraction, maxsig, w, sig, out
 
 
 @njit(cache=True, nogil=True)
-def _significant_marginals(w, sig, use_sig, trans_w, orient_w, w_ir):
+def _significant_marginals(w, sig, use_sig, cls, trans_w, orient_w, w_ir):
     n_i, n_r, n_t = w.shape
     zero = w.dtype.type(0)
     for i in range(n_i):
         for r in range(n_r):
             acc = 0.0
+            tw = trans_w[i, cls[r]]
             for t in range(n_t):
                 v = w[i, r, t] if (not use_sig or sig[i, r, t]) else zero
-                trans_w[i, t] += v
+                tw[t] += v
                 acc += v
             w_ir[i, r] = acc
             orient_w[r] += acc
 
 
-def significant_marginals(w: np.ndarray, significant: np.ndarray | None
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def significant_marginals(w: np.ndarray, significant: np.ndarray | None, orient_class: np.ndarray | None = None,
+                          n_classes: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sums of the weights ``w`` (N_i, N_r, N_t) over the ``significant`` samples (all when None), in one
-    pass and without a masked copy: ``(Σ_r w (N_i, N_t), Σ_{i,t} w (N_r,) float64, Σ_t w (N_i, N_r))``."""
-    w = np.ascontiguousarray(w)
+    pass and without a masked copy: ``(Σ_r w (N_i, N_t), Σ_{i,t} w (N_r,) float64, Σ_t w (N_i, N_r))``.
+
+    With ``orient_class`` (N_r,) the first is summed per class instead: (N_i, n_classes, N_t).
+    ``w`` and ``significant`` may be views (a class's orientation range of a larger array): they are
+    read in place.
+    """
     n_i, n_r, n_t = w.shape
-    trans_w, orient_w, w_ir = np.zeros((n_i, n_t), w.dtype), np.zeros(n_r), np.empty((n_i, n_r), w.dtype)
+    per_class = orient_class is not None
+    cls = np.asarray(orient_class, np.int64) if per_class else np.zeros(n_r, np.int64)
+    trans_w = np.zeros((n_i, n_classes if per_class else 1, n_t), w.dtype)
+    orient_w, w_ir = np.zeros(n_r), np.empty((n_i, n_r), w.dtype)
     use_sig = significant is not None
-    sig = np.ascontiguousarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
-    _significant_marginals(w, sig, use_sig, trans_w, orient_w, w_ir)
-    return trans_w, orient_w, w_ir
+    sig = np.asarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
+    _significant_marginals(w, sig, use_sig, cls, trans_w, orient_w, w_ir)
+    return (trans_w if per_class else trans_w[:, 0]), orient_w, w_ir
+
+
+@njit(cache=True, nogil=True)
+def _class_presence(sig, starts, out):
+    n_i = sig.shape[0]
+    for i in range(n_i):
+        row = sig[i]
+        for c in range(starts.shape[0] - 1):
+            block = row[starts[c]:starts[c + 1]]
+            found = False
+            for j0 in range(0, block.shape[0], 64):  # an OR over 64 bytes vectorises; the test is per block
+                acc = False
+                for j in range(j0, min(j0 + 64, block.shape[0])):
+                    acc |= block[j]
+                if acc:
+                    found = True
+                    break
+            out[i, c] = found
+
+
+def class_presence(significant: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``(N_i, C)``: whether particle ``i`` has a significant sample among orientations
+    ``starts[c]:starts[c + 1]`` of ``significant`` (N_i, N_r, N_t); stops at a particle's first one."""
+    sig = np.ascontiguousarray(significant, np.bool_)
+    n_i, n_r, n_t = sig.shape
+    starts = np.asarray(starts, np.int64)
+    out = np.zeros((n_i, len(starts) - 1), np.bool_)
+    _class_presence(sig.reshape(n_i, n_r * n_t), starts * n_t, out)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -547,12 +584,11 @@ def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray, significant:
                   ) -> np.ndarray:
     """``out[a, c] = w[i, act[a], t]`` for the (particle, translation) rows ``cols[c] = i·N_t + t`` of
     ``w`` (N_i, N_r, N_t), 0 where not ``significant``: the M-step's weight matrix, without the
-    transposed or masked copies."""
+    transposed or masked copies (``w`` and ``significant`` may be views, read in place)."""
     out = np.empty((len(act), len(cols)), w.dtype)
     use_sig = significant is not None
-    sig = np.ascontiguousarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
-    _weight_matrix(np.ascontiguousarray(w), sig, use_sig, np.asarray(act, np.int64), np.asarray(cols, np.int64),
-                   out)
+    sig = np.asarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
+    _weight_matrix(w, sig, use_sig, np.asarray(act, np.int64), np.asarray(cols, np.int64), out)
     return out
 
 

@@ -364,6 +364,54 @@ def test_chunk_in_batches_equals_one_batch(tmp_path, monkeypatch):
     assert one.sums.class_weight.sum() == pytest.approx(n, rel=1e-3)  # the significant samples hold ≥ 0.999
 
 
+def test_mstep_of_all_classes_at_once_equals_class_by_class(tmp_path, monkeypatch):
+    """The M-step sums of a chunk taken over all classes in one call (broad posteriors) equal those taken
+    class by class (sharp posteriors), and the choice between them follows the classes' occupancy."""
+    import cryodask.em.class2d as c2d
+    from cryodask.io.mrc import write_stack
+    from cryodask.ops.ctf import ctf_params
+    from cryodask.io.star import read_particles
+
+    assert c2d._stack_classes(np.ones((10, 4), bool), np.full(4, 36))  # every particle in every class
+    assert not c2d._stack_classes(np.eye(4, dtype=bool)[np.arange(10) % 4], np.full(4, 36))  # one class each
+    assert not c2d._stack_classes(np.ones((10, 1), bool), np.full(1, 36))
+    view, truth, img = _simulate(tmp_path, n=30, snr=0.05, seed=6)
+    refs = tmp_path / "refs.mrcs"
+    write_stack(refs, truth[:3], APIX)
+    table = read_particles(tmp_path / "p.star")
+    n = len(img)
+    setup = c2d.Class2DSetup(iteration=2, box=BOX, pixel_size=APIX, pad=2, n_classes=3, current_size=24,
+                             references=str(refs), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / 1.05 / 2048),
+                             class_fractions=np.array([0.5, 0.3, 0.2]), prior_offsets=np.array([[0, 0], [1, 0], [0, -1]]),
+                             sigma_offset=6.0, psi_step=20, offset_range=2, offset_step=1, oversampling=1,
+                             coarse_size=16, particle_diameter=110, zero_mask=True, do_ctf=True, do_norm=True)
+    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=rng_origins(n), optics=np.zeros(n, np.int64),
+                         n_optics=1, ctf=ctf_params(table))
+    taken = []
+    decide = c2d._stack_classes
+    monkeypatch.setattr(c2d, "_stack_classes", lambda *a: taken.append(decide(*a)) or taken[-1])
+    monkeypatch.setattr(c2d, "STACK_CLASSES_COST", np.inf)
+    stacked = c2d.expectation_chunk(img, inp, setup)
+    monkeypatch.setattr(c2d, "STACK_CLASSES_COST", 0.0)
+    per_class = c2d.expectation_chunk(img, inp, setup)
+    assert taken == [True, False]
+    a, b = stacked.sums, per_class.sums
+    for x, y in zip(a.bp, b.bp):
+        assert np.allclose(x.data, y.data, rtol=1e-4, atol=1e-6 * np.abs(y.data).max())
+        assert np.allclose(x.weight, y.weight, rtol=1e-4, atol=1e-6 * y.weight.max())
+        assert np.abs(y.weight).max() > 0
+    assert np.allclose(a.sigma2_sum, b.sigma2_sum, rtol=1e-4)
+    assert np.allclose(a.class_weight, b.class_weight, rtol=1e-5) and (b.class_weight > 0.5).all()
+    assert np.allclose(a.offset_sum, b.offset_sum, rtol=1e-4, atol=1e-4)
+    assert a.sigma2_offset == pytest.approx(b.sigma2_offset, rel=1e-4) and b.sigma2_offset > 0
+    assert np.allclose(stacked.norm, per_class.norm, rtol=1e-5)
+    assert np.array_equal(stacked.class_number, per_class.class_number)
+
+
+def rng_origins(n):
+    return np.random.default_rng(7).uniform(-1, 1, size=(n, 2))
+
+
 def test_class2d_refuses_chunks_that_do_not_fit_before_starting(tmp_path, monkeypatch):
     """A worker memory limit too small for the store's chunks: refused up front, naming the fix; nothing written."""
     from distributed import Client, LocalCluster

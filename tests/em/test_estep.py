@@ -158,13 +158,28 @@ def test_blocked_orientation_axis_is_identical(rng):
     Xs = precompute_shifted(p["X"], p["ramps"])
     kw = dict(ctf=p["ctf"], inv_sigma2=1 / p["sigma2"], n_trans=p["n_t"], scale=p["scale"])
     whole = squared_differences(Xs, p["P"], **kw)
-    # block_bytes=1 -> blocks of 64 orientations minimum; force small blocks through the helper.
-    assert estep._orientation_block(20, 1000, 4, 1) == 64
     terms = scoring_terms(Xs, **kw)
     out = np.empty_like(whole)
     for r0 in range(0, 23, 5):  # caller-side blocking into slices of one output array
         estep.score_terms(terms, p["P"][r0:r0 + 5], out=out[:, r0:r0 + 5, :])
     np.testing.assert_allclose(out, whole, rtol=1e-6)
+    # Blocks of particles and orientations inside score_terms: a budget of one particle's row of one
+    # orientation forces the smallest blocks (64 orientations, a few particles).
+    n_i, n_t = p["X"].shape[0], p["n_t"]
+    assert estep._gemm_blocks(n_i, n_t, 23, 4, 1) == (min(n_i, -(-estep._MIN_GEMM_ROWS // n_t)), 23)
+    assert estep._gemm_blocks(100, 2, 1000, 4, 1) == (100, 64)
+    assert estep._gemm_blocks(100, 2, 1000, 4, 1 << 30) == (100, 1000)
+    many = make_problem(rng, n_i=60, n_r=150)  # > 64 orientations, > 256 rows: blocks of both
+    Xm = precompute_shifted(many["X"], many["ramps"])
+    kwm = dict(ctf=many["ctf"], inv_sigma2=1 / many["sigma2"], n_trans=many["n_t"], scale=many["scale"])
+    assert estep._gemm_blocks(60, many["n_t"], 150, 4, 1) == (52, 64)
+    tm = scoring_terms(Xm, **kwm)
+    big = estep.score_terms(tm, many["P"])
+    small = estep.score_terms(tm, many["P"], block_bytes=1)
+    np.testing.assert_allclose(small, big, rtol=1e-6)
+    tc = scoring_terms(Xm, **{**kwm, "mode": "cc"})
+    np.testing.assert_allclose(estep.score_terms(tc, many["P"], block_bytes=1), estep.score_terms(tc, many["P"]),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_full_multiplicity_equals_full_plane_sum(rng):
@@ -527,6 +542,59 @@ def test_mstep_sums_match_loops(rng, double):
     np.testing.assert_allclose(out.group_weight, [ws[group == g].sum() for g in (0, 1)], rtol=1e-6)
     assert out.class_weight == pytest.approx(ws.sum(), rel=1e-6)
     assert out.sigma2_offset == pytest.approx(soff, rel=1e-6)
+
+
+def test_mstep_sums_of_stacked_classes_equal_the_per_class_sums(rng):
+    """One call over the projections of all classes (``orient_class``) gives the per-class calls' slices,
+    the sums over pixels and particles added over classes, and the translation sums of each class."""
+    n_c, n_r1 = 3, 4
+    p = make_problem(rng, n_i=6, n_r=n_c * n_r1, n_t=5)
+    n_i, n_r, n_t = p["n_i"], p["n_r"], p["n_t"]
+    w = rng.dirichlet(np.ones(n_r * n_t), size=n_i).reshape(n_i, n_r, n_t).astype(np.float32)
+    w[:2, n_r1:2 * n_r1] = 0  # particles with no weight in a class
+    w[:, 2 * n_r1:] = 0  # a class nobody takes
+    sig = rng.uniform(size=w.shape) < 0.7
+    Xs = precompute_shifted(p["X"], p["ramps"])
+    Xms = precompute_shifted(p["X"] * rng.uniform(0.5, 1.0, size=p["X"].shape), p["ramps"])
+    group = np.array([0, 1, 1, 0, 1, 0])
+    od2 = rng.uniform(0, 5, size=(n_i, n_c, n_t))  # per-class prior offsets: per-class distances
+    kw = dict(ctf=p["ctf"], inv_sigma2=1 / p["sigma2"], n_trans=n_t, scale=p["scale"], X_shifted_masked=Xms,
+              group=group, n_groups=2)
+    oc = np.repeat(np.arange(n_c), n_r1)
+    allc = mstep_sums(w, Xs, p["P"], significant=sig, offset_diff2=od2, orient_class=oc, n_classes=n_c, **kw)
+    per = [mstep_sums(w[:, c * n_r1:(c + 1) * n_r1], Xs, p["P"][c * n_r1:(c + 1) * n_r1],
+                      significant=sig[:, c * n_r1:(c + 1) * n_r1], offset_diff2=od2[:, c], **kw) for c in range(n_c)]
+    assert not len(per[2].orientations)
+    np.testing.assert_array_equal(allc.orientations,
+                                  np.concatenate([c * n_r1 + q.orientations for c, q in enumerate(per)]))
+    np.testing.assert_allclose(allc.data, np.concatenate([q.data for q in per]), rtol=1e-4,
+                               atol=1e-5 * np.abs(allc.data).max())
+    np.testing.assert_allclose(allc.weight, np.concatenate([q.weight for q in per]), rtol=1e-5)
+    for name in ("sigma2_noise", "signal_product", "reference_power", "wdiff2", "sum_weight", "group_weight"):
+        a, b = getattr(allc, name), sum(getattr(q, name) for q in per)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+    np.testing.assert_allclose(allc.translation_weight, sum(q.translation_weight for q in per), rtol=1e-5)
+    for c, q in enumerate(per):
+        np.testing.assert_allclose(allc.class_translation_weight[:, c], q.translation_weight, rtol=1e-6)
+    assert allc.class_translation_weight[:2, 1].sum() == 0
+    assert allc.sigma2_offset == pytest.approx(sum(q.sigma2_offset for q in per), rel=1e-5)
+    assert allc.class_weight == pytest.approx(sum(q.class_weight for q in per), rel=1e-6)
+
+
+def test_class_presence():
+    from cryodask.em.kernels import class_presence
+
+    rng = np.random.default_rng(5)
+    sig = np.zeros((4, 30, 70), bool)  # class blocks longer than the 64-byte steps of the kernel
+    starts = np.array([0, 10, 11, 30])
+    sig[0, 3, 69] = True
+    sig[1, 10, 0] = True
+    sig[2, 29, 69] = True
+    sig[3] = rng.uniform(size=(30, 70)) < 0.01
+    want = np.stack([sig[:, a:b].any(axis=(1, 2)) for a, b in zip(starts[:-1], starts[1:])], axis=1)
+    np.testing.assert_array_equal(class_presence(sig, starts), want)
+    assert class_presence(sig, starts)[:3].tolist() == [[True, False, False], [False, True, False],
+                                                         [False, False, True]]
 
 
 def test_two_pass_driver_matches_bruteforce(rng):
