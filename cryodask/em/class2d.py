@@ -400,21 +400,24 @@ def _single_pass(setup: Class2DSetup, px: dict[str, Any], old: np.ndarray, n_sco
                              orient_class=np.repeat(np.arange(n_score), R), adaptive_fraction=setup.adaptive_fraction,
                              diff2_offset=terms.constant, logsigma2=log_sigma2_term(px["isg"]), overwrite_diff2=True)
     del diff2
-    return dict(weights=post.weights, significant=post.significant, starts=np.arange(n_score + 1) * R,
-                projections=[P[k] for k in range(n_score)], psi=[psi] * n_score, T=T, ramps=ramps, Xm_s=Xm_s,
+    return dict(rows=np.arange(n), weights=post.weights, significant=post.significant,
+                starts=np.arange(n_score + 1) * R,
+                projections=[P[k] for k in range(n_score)], orient=[np.arange(R)] * n_score, psi_grid=psi, T=T,
+                ramps=ramps, Xm_s=Xm_s,
                 best_class=post.best_orientation // R,
                 best_psi=psi[post.best_orientation % R], best_t=T[post.best_translation], pmax=post.pmax,
                 n_significant=post.n_significant, log_likelihood=post.log_likelihood, failed=post.failed)
 
 
 def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, optics: np.ndarray,
-              px: dict[str, Any], old: np.ndarray, n_score: int, lpo: Any) -> dict[str, Any]:
+              px: dict[str, Any], old: np.ndarray, n_score: int, lpo: Any) -> list[dict[str, Any]]:
     """RELION's adaptive oversampling: coarse grid at ``coarse_size``, then the children of the significant
-    samples at ``current_size`` (:func:`cryodask.em.estep.score_two_pass`)."""
+    samples at ``current_size``, per group of particles with similar significant samples
+    (:func:`cryodask.em.estep.score_two_pass_grouped`); one result per group, ``rows`` its particles."""
     from dataclasses import replace
 
     from cryodask.em.estep import (lazy_scoring_terms, log_sigma2_term, phase_ramps, precompute_shifted,
-                                   score_two_pass, scoring_terms)
+                                   score_two_pass_grouped, scoring_terms)
     from cryodask.geometry.shifts import oversample_translations, translation_grid
 
     box, os_ = setup.box, setup.oversampling
@@ -433,26 +436,48 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
     P_c = proj_c.sample(psi_c, pc["kx"], pc["ky"])
     single = [replace(proj_f, data=proj_f.data[k:k + 1], power_spectrum=proj_f.power_spectrum[k:k + 1])
               for k in range(n_score)]
+    # fine projections made once per chunk batch, whichever groups ask for them
+    P_f = np.zeros((n_score, len(psi_f), len(px["kx"])), np.complex64)
+    made = np.zeros((n_score, len(psi_f)), bool)
 
-    def fine_projector(k: int, orient: Any) -> np.ndarray:
-        return single[k].sample(psi_f[np.asarray(orient)], px["kx"], px["ky"])[0]
+    def fine_projector(g: Any, k: int, orient: Any) -> np.ndarray:
+        orient = np.asarray(orient, np.int64)
+        new = np.unique(orient[~made[k, orient]])
+        if len(new):
+            P_f[k, new] = single[k].sample(psi_f[new], px["kx"], px["ky"])[0]
+            made[k, new] = True
+        return P_f[k, orient]
 
     lpt = _log_prior_trans(_offset_d2(old, T_c, setup.prior_offsets[:n_score], setup.pixel_size), setup.sigma_offset)
-    res = score_two_pass(coarse, fine, [P_c[k] for k in range(n_score)], fine_projector, n_over_rot=2 ** os_,
-                         n_over_trans=4 ** os_, log_prior_orient=None if lpo is None else np.repeat(
-                             lpo[:, None], len(psi_c), axis=1), log_prior_trans=lpt,
-                         adaptive_fraction=setup.adaptive_fraction, logsigma2=log_sigma2_term(px["isg"]))
+    groups = score_two_pass_grouped(coarse, fine, [P_c[k] for k in range(n_score)], fine_projector,
+                                    n_over_rot=2 ** os_, n_over_trans=4 ** os_,
+                                    log_prior_orient=None if lpo is None else np.repeat(lpo[:, None], len(psi_c),
+                                                                                        axis=1),
+                                    log_prior_trans=lpt, adaptive_fraction=setup.adaptive_fraction,
+                                    logsigma2=log_sigma2_term(px["isg"]), group_cost=GROUP_COST)
     del coarse, fine
-    sel = np.asarray(res.fine_translations, np.int64)
-    cls, orient, tidx = res.best_pose()
-    ramps = ramps_f[sel]
-    return dict(weights=res.fine.weights, significant=res.fine.significant,
-                starts=np.array([fc.start for fc in res.classes] + [res.classes[-1].stop]),
-                projections=[fc.projections for fc in res.classes],
-                psi=[psi_f[np.asarray(fc.orientations, np.int64)] for fc in res.classes], T=T_f[sel], ramps=ramps, Xm_s=precompute_shifted(px["Xm"], ramps), best_class=cls,
-                best_psi=psi_f[orient], best_t=T_f[tidx], pmax=res.fine.pmax,
-                n_significant=res.coarse.n_significant, log_likelihood=res.fine.log_likelihood,
-                failed=res.fine.failed | res.coarse.failed)
+    out = []
+    for g, res in groups:
+        sel = np.asarray(res.fine_translations, np.int64)
+        cls, orient, tidx = res.best_pose()
+        ramps = ramps_f[sel]
+        out.append(dict(rows=np.asarray(g, np.int64), weights=res.fine.weights, significant=res.fine.significant,
+                        starts=np.array([fc.start for fc in res.classes] + [res.classes[-1].stop]),
+                        projections=[fc.projections for fc in res.classes],
+                        orient=[np.asarray(fc.orientations, np.int64) for fc in res.classes], psi_grid=psi_f,
+                        T=T_f[sel],
+                        ramps=ramps, Xm_s=precompute_shifted(px["Xm"][g], ramps), best_class=cls,
+                        best_psi=psi_f[orient], best_t=T_f[tidx], pmax=res.fine.pmax,
+                        n_significant=res.coarse.n_significant, log_likelihood=res.fine.log_likelihood,
+                        failed=res.fine.failed | res.coarse.failed))
+    return out
+
+
+#: :func:`cryodask.em.estep.fine_groups`' cost of one more group, in coarse samples of one particle: a group's
+#: fine pass and M-step sums make a few dozen calls and smaller GEMMs. Measured at box 64, K=10: 2,000 split
+#: the broad first iterations by translation alone (a third slower); 8,000 leaves them whole and still splits
+#: sharp posteriors (7-15 % less CPU in iterations 3-5), where with many classes grouping matters most
+GROUP_COST = 8000.0
 
 
 #: memory budget (bytes) of the shifted images of one batch of particles inside a chunk task
@@ -463,6 +488,21 @@ def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
     """Particles scored at once: the fine shifted images (masked, unmasked and the scoring copy, complex64)
     of a batch stay within ``budget``."""
     return max(1, int(budget // max(1, 3 * 8 * n_trans * n_pixels)))
+
+
+def _insert_slabs(slabs: dict[int, Any], psi_grid: np.ndarray, flat: np.ndarray, box: int, bps: list[Any]) -> None:
+    """Insert each class's summed slices (``slabs[k]``: data and weight on the window's pixels ``flat``
+    per orientation of ``psi_grid``, and which orientations got any) into ``bps[k]``: one insertion per
+    class and batch, whichever groups of particles the slices came from."""
+    half = box * (box // 2 + 1)
+    for k, (data, weight, used) in sorted(slabs.items()):
+        o = np.flatnonzero(used)
+        slices = np.zeros((len(o), half), np.complex64)
+        weights = np.zeros((len(o), half), np.float32)
+        slices[:, flat] = data[o]
+        weights[:, flat] = weight[o]
+        bps[k].insert(slices.reshape(len(o), box, box // 2 + 1), psi_grid[o],
+                      weights=weights.reshape(len(o), box, box // 2 + 1))
 
 
 #: the M-step sums take all classes in one pair of GEMMs when that scores at most this many times the
@@ -483,45 +523,70 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
                        old: np.ndarray, index: np.ndarray, setup: Class2DSetup,
                        bps: list[Any], acc: dict[str, Any], group: np.ndarray) -> dict[str, np.ndarray]:
     """Score one batch of a chunk's particles, add its M-step sums to ``bps`` / ``acc``; per-particle results."""
-    from cryodask.em.estep import mstep_sums, precompute_shifted
-    from cryodask.em.iteration import shell_sums
-    from cryodask.em.kernels import class_presence
-
-    box, apix, K = setup.box, setup.pixel_size, setup.n_classes
-    nsh = box // 2 + 1
+    box, K = setup.box, setup.n_classes
     px = _pixels(box, setup.current_size / 2.0, ft, mft, ctf_full, setup.sigma2_noise, optics)
     with np.errstate(divide="ignore"):
         lpo = np.log(np.maximum(np.asarray(setup.class_fractions, np.float64), 0.0))
     if setup.oversampling > 0:
-        s = _two_pass(setup, ft, mft, ctf_full, optics, px, old, K, lpo)
+        scored = _two_pass(setup, ft, mft, ctf_full, optics, px, old, K, lpo)
     else:
-        s = _single_pass(setup, px, old, K, lpo)
-    if bool(np.any(s["failed"])):
-        bad = index[np.flatnonzero(s["failed"])[0]] + 1
+        scored = [_single_pass(setup, px, old, K, lpo)]
+    n = len(ft)
+    failed = np.zeros(n, bool)
+    for s in scored:
+        failed[s["rows"]] = np.asarray(s["failed"], bool)
+    if failed.any():
+        bad = index[np.flatnonzero(failed)[0]] + 1
         raise UserError(f"particle {bad}", "zero sum of weights (its image does not fit any class); check the "
                                            "pixel size, --particle_diameter and the CTF parameters")
-    best_class = np.asarray(s["best_class"], np.int64)
+    out = dict(class_number=np.zeros(n, np.int64), psi=np.zeros(n), origins_px=np.zeros((n, 2)), pmax=np.zeros(n),
+               n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n), wdiff2=np.zeros(n))
+    batch_groups, local_group = np.unique(group, return_inverse=True)  # the batch's scale groups
+    slabs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for s in scored:
+        g = s["rows"]
+        out["class_number"][g] = np.asarray(s["best_class"], np.int64) + 1
+        out["psi"][g] = s["best_psi"]
+        out["origins_px"][g] = old[g] + np.asarray(s["best_t"])
+        out["pmax"][g] = s["pmax"]
+        out["n_significant"][g] = s["n_significant"]
+        out["log_likelihood"][g] = s["log_likelihood"]
+        out["wdiff2"][g] = _add_mstep_sums(s, {key: px[key][g] for key in ("Xu", "ctf", "isg_m")}, px, old[g],
+                                           optics[g], n_optics, local_group[g], batch_groups, setup, slabs, acc)
+    _insert_slabs(slabs, scored[0]["psi_grid"], px["flat"], box, bps)
+    out["window_power"] = (np.abs(px["Xm"].astype(np.complex128)) ** 2).sum(axis=1)
+    return out
 
+
+def _add_mstep_sums(s: dict[str, Any], pg: dict[str, np.ndarray], px: dict[str, Any], old: np.ndarray,
+                    optics: np.ndarray, n_optics: int, local_group: np.ndarray, batch_groups: np.ndarray,
+                    setup: Class2DSetup, slabs: dict[int, Any], acc: dict[str, Any]) -> np.ndarray:
+    """Add the M-step sums of one scored group of particles (``s``; ``pg`` its rows of the images, CTF and
+    1/σ²) to ``slabs`` (per class, the summed slices of each orientation: :func:`_insert_slabs`) and ``acc``;
+    returns the group's ``Σ w |X − A|²`` per particle (``--norm``)."""
+    from cryodask.em.estep import mstep_sums, precompute_shifted
+    from cryodask.em.iteration import shell_sums
+    from cryodask.em.kernels import class_presence
+
+    box, K = setup.box, setup.n_classes
+    nsh = box // 2 + 1
     T = s["T"]
     n_t = len(T)
-    Xu_s = precompute_shifted(px["Xu"], s["ramps"])
-    Xm_s = s["Xm_s"]
-    d2 = _offset_d2(old, T, setup.prior_offsets, apix)
-    flat, shell = px["flat"], px["shell"]
-    wdiff2 = np.zeros(len(ft))  # --norm: Σ_φ w Σ_k |X − A|² per particle
-    half_shape = (box, box // 2 + 1)
-    batch_groups, local_group = np.unique(group, return_inverse=True)  # the batch's scale groups
+    Xu_s = precompute_shifted(pg["Xu"], s["ramps"])
+    d2 = _offset_d2(old, T, setup.prior_offsets, setup.pixel_size)
+    shell = px["shell"]
+    wdiff2 = np.zeros(len(old))  # --norm: Σ_φ w Σ_k |X − A|² per particle
     W, sig, starts = s["weights"], s["significant"], np.asarray(s["starts"], np.int64)
     present = class_presence(sig, starts)  # (n, K): which classes hold a particle's significant samples
     sizes = np.diff(starts)
-    kw = dict(ctf=px["ctf"], inv_sigma2=px["isg_m"], n_trans=n_t, X_shifted_masked=Xm_s, group=optics,
+    kw = dict(ctf=pg["ctf"], inv_sigma2=pg["isg_m"], n_trans=n_t, X_shifted_masked=s["Xm_s"], group=optics,
               n_groups=n_optics, scale_group=local_group, n_scale_groups=len(batch_groups))
     if _stack_classes(present, sizes):
         orient_class = np.repeat(np.arange(K), sizes)
         sums = mstep_sums(W, Xu_s, np.concatenate(s["projections"]), significant=sig, offset_diff2=d2,
                           orient_class=orient_class, n_classes=K, **kw)
-        psi_all = np.concatenate(s["psi"])
-        parts = [(sums, np.flatnonzero(orient_class[np.asarray(sums.orientations)] == k), psi_all, k)
+        orient_all = np.concatenate(s["orient"])
+        parts = [(sums, np.flatnonzero(orient_class[np.asarray(sums.orientations)] == k), orient_all, k)
                  for k in range(K)]
         ctw = np.asarray(sums.class_translation_weight, np.float64)
         class_tw = [ctw[:, k, :] for k in range(K)]
@@ -535,19 +600,21 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
                 continue
             sk = mstep_sums(W[:, a:b], Xu_s, s["projections"][k], significant=sig[:, a:b], offset_diff2=d2[:, k, :],
                             **kw)
-            parts.append((sk, np.arange(len(sk.orientations)), s["psi"][k], k))
+            parts.append((sk, np.arange(len(sk.orientations)), s["orient"][k], k))
             class_tw.append(np.asarray(sk.translation_weight, np.float64))
             shared.append(sk)
-    for sk, rows, psi_k, k in parts:  # the slices of class k
+    n_orient, n_pix = len(s["psi_grid"]), len(shell)
+    for sk, rows, orient, k in parts:  # the slices of class k, by orientation (distinct within a call)
         if not len(rows):
             continue
-        m = len(rows)
-        slices = np.zeros((m, box * (box // 2 + 1)), np.complex64)
-        weights = np.zeros((m, box * (box // 2 + 1)), np.float32)
-        slices[:, flat] = sk.data[rows]
-        weights[:, flat] = sk.weight[rows]
-        bps[k].insert(slices.reshape((m,) + half_shape), psi_k[np.asarray(sk.orientations)[rows]],
-                      weights=weights.reshape((m,) + half_shape))
+        if k not in slabs:
+            slabs[k] = (np.zeros((n_orient, n_pix), np.complex64), np.zeros((n_orient, n_pix), np.float32),
+                        np.zeros(n_orient, bool))
+        data, weight, used = slabs[k]
+        o = orient[np.asarray(sk.orientations)[rows]]
+        data[o] += sk.data[rows]
+        weight[o] += sk.weight[rows]
+        used[o] = True
     for sk in shared:  # sums over classes
         for g in range(n_optics):
             acc["sigma2_sum"][g] += np.bincount(shell, weights=sk.sigma2_noise[g].astype(np.float64),
@@ -561,11 +628,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         if tw is not None:
             acc["class_weight"][k] += tw.sum()
             acc["offset_sum"][k] += tw.sum(axis=1) @ old + tw.sum(axis=0) @ T
-    return dict(class_number=best_class + 1, psi=np.asarray(s["best_psi"], np.float64),
-                origins_px=old + np.asarray(s["best_t"]), pmax=np.asarray(s["pmax"], np.float64),
-                n_significant=np.asarray(s["n_significant"], np.int64),
-                log_likelihood=np.asarray(s["log_likelihood"], np.float64), wdiff2=wdiff2,
-                window_power=(np.abs(px["Xm"].astype(np.complex128)) ** 2).sum(axis=1))
+    return wdiff2
 
 
 def expectation_chunk(images: np.ndarray, inp: ChunkInput, setup: Class2DSetup) -> ChunkOutput:
@@ -1230,3 +1293,4 @@ def write_sampling_2d(path: str | os.PathLike[str], state: Any, pixel_size: floa
     from cryodask.em.state import write_sampling
 
     write_sampling(path, state, pixel_size, is_3d=False)
+

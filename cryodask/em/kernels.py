@@ -569,26 +569,47 @@ def class_presence(significant: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _weight_matrix(w, sig, use_sig, act, cols, out):
-    n_t = w.shape[2]
+def _weight_matrix(w, sig, use_sig, act, ci, ct, out):
     zero = w.dtype.type(0)
-    for a in range(act.shape[0]):
-        r = act[a]
-        for c in range(cols.shape[0]):
-            i = cols[c] // n_t
-            t = cols[c] - i * n_t
-            out[a, c] = w[i, r, t] if (not use_sig or sig[i, r, t]) else zero
+    n_c = ci.shape[0]
+    c0 = 0
+    while c0 < n_c:  # one particle's columns (contiguous: cols is sorted) for every orientation: its weights
+        i = ci[c0]   # stay in cache, and each row of out is written in runs
+        c1 = c0
+        while c1 < n_c and ci[c1] == i:
+            c1 += 1
+        t0 = ct[c0]
+        if ct[c1 - 1] - t0 == c1 - 1 - c0:  # consecutive translations: runs that vectorise
+            for a in range(act.shape[0]):
+                wr = w[i, act[a], t0:t0 + c1 - c0]
+                o = out[a, c0:c1]
+                if use_sig:
+                    sr = sig[i, act[a], t0:t0 + c1 - c0]
+                    for j in range(c1 - c0):
+                        o[j] = wr[j] if sr[j] else zero
+                else:
+                    o[:] = wr
+        else:
+            for a in range(act.shape[0]):
+                r = act[a]
+                for c in range(c0, c1):
+                    t = ct[c]
+                    out[a, c] = w[i, r, t] if (not use_sig or sig[i, r, t]) else zero
+        c0 = c1
 
 
 def weight_matrix(w: np.ndarray, act: np.ndarray, cols: np.ndarray, significant: np.ndarray | None = None
                   ) -> np.ndarray:
     """``out[a, c] = w[i, act[a], t]`` for the (particle, translation) rows ``cols[c] = i·N_t + t`` of
     ``w`` (N_i, N_r, N_t), 0 where not ``significant``: the M-step's weight matrix, without the
-    transposed or masked copies (``w`` and ``significant`` may be views, read in place)."""
+    transposed or masked copies (``w`` and ``significant`` may be views, read in place). ``cols`` must be
+    sorted."""
     out = np.empty((len(act), len(cols)), w.dtype)
     use_sig = significant is not None
     sig = np.asarray(significant, np.bool_) if use_sig else np.ones((1, 1, 1), np.bool_)
-    _weight_matrix(w, sig, use_sig, np.asarray(act, np.int64), np.asarray(cols, np.int64), out)
+    cols = np.asarray(cols, np.int64)
+    ci = cols // w.shape[2]  # sorted: a particle's columns are consecutive
+    _weight_matrix(w, sig, use_sig, np.asarray(act, np.int64), ci, cols - ci * w.shape[2], out)
     return out
 
 
