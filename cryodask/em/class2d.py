@@ -454,7 +454,8 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
                                     log_prior_orient=None if lpo is None else np.repeat(lpo[:, None], len(psi_c),
                                                                                         axis=1),
                                     log_prior_trans=lpt, adaptive_fraction=setup.adaptive_fraction,
-                                    logsigma2=log_sigma2_term(px["isg"]), group_cost=GROUP_COST)
+                                    logsigma2=log_sigma2_term(px["isg"]), group_cost=GROUP_COST,
+                                    projection_cost=PROJECTION_COST)
     del coarse, fine
     out = []
     for g, res in groups:
@@ -473,11 +474,14 @@ def _two_pass(setup: Class2DSetup, ft: np.ndarray, mft: np.ndarray, ctf_full: np
     return out
 
 
-#: :func:`cryodask.em.estep.fine_groups`' cost of one more group, in coarse samples of one particle: a group's
-#: fine pass and M-step sums make a few dozen calls and smaller GEMMs. Measured at box 64, K=10: 2,000 split
-#: the broad first iterations by translation alone (a third slower); 8,000 leaves them whole and still splits
-#: sharp posteriors (7-15 % less CPU in iterations 3-5), where with many classes grouping matters most
-GROUP_COST = 8000.0
+#: :func:`cryodask.em.estep.fine_groups`' costs, in coarse samples of one particle: of one more group (a few
+#: dozen calls), and of each coarse orientation in a group's union (its children's projections, their |P|² in
+#: the scoring and the M-step, the expected projections, the rows of the summed slices: passes over the
+#: window's pixels whatever the group's size). Measured at box 64, K=10 (CPU s of a 5-iteration run,
+#: 2 × 2 runs): 40/2,000 gave 41.4-41.8 s against 43.7-46.0 for 8/8,000 and 43.7-45.2 for 20/2,000; with
+#: 8/2,000 the broad first iterations split into ~100 groups a batch by translation alone (+45 % CPU)
+GROUP_COST = 2000.0
+PROJECTION_COST = 40.0
 
 
 #: memory budget (bytes) of the shifted images of one batch of particles inside a chunk task
@@ -1293,4 +1297,5 @@ def write_sampling_2d(path: str | os.PathLike[str], state: Any, pixel_size: floa
     from cryodask.em.state import write_sampling
 
     write_sampling(path, state, pixel_size, is_3d=False)
+
 
