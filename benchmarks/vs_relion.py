@@ -216,6 +216,10 @@ def main(argv=None) -> None:
     ap.add_argument("--relion_resume", action="store_true",
                     help="with --keep: go on with an interrupted RELION run of the job from its last finished "
                          "iteration (RELION's --continue); its figures add up over finished iterations")
+    ap.add_argument("--random_seed", type=int, default=None,
+                    help="give both programs this --random_seed (RELION's default is the clock); the runs go to "
+                         "folders and records of their own (R2D_s1/, class2d_seed1_relion.json, ...), so several "
+                         "seeds can be compared on the same data")
     ap.add_argument("--relion_only", action="store_true",
                     help="with --keep: run RELION's side only and record it (hours for refine3d at 3,000 particles: "
                          "run it on an idle machine, then cryodask's side with --reuse_relion)")
@@ -276,26 +280,34 @@ def main(argv=None) -> None:
     rows = []
     for job in args.jobs.split(","):
         rel_cmd, cd_cmd = jobs[job]
-        for d in ("R2D", "C2D", "R3D", "C3D", "RR", "CR"):
-            (tmp / d).mkdir(exist_ok=True)
+        tag = job
+        if args.random_seed is not None:  # separate folders and records per seed
+            tag = f"{job}_seed{args.random_seed}"
+            for cmd in (rel_cmd, cd_cmd):
+                o = cmd.index("--o") + 1
+                folder, name = cmd[o].split("/", 1)
+                cmd[o] = f"{folder}_s{args.random_seed}/{name}"
+                cmd += ["--random_seed", str(args.random_seed)]
+        for cmd in (rel_cmd, cd_cmd):
+            (tmp / cmd[cmd.index("--o") + 1]).parent.mkdir(exist_ok=True)
         exe = shutil.which("cryodask") or None
         if exe is None:  # the venv's entry point, or the module
             import sys
 
             cd_cmd = [sys.executable, "-m", "cryodask"] + cd_cmd[1:]
-        record = tmp / f"{job}_relion.json"
+        record = tmp / f"{tag}_relion.json"
         if args.reuse_relion and record.is_file():
             tr, mr, rcr, *rest = json.loads(record.read_text())
             ur = rest[0] if rest else float("nan")  # records written before CPU time was kept
             print(f"{job}: RELION's figures from {record}")
         else:
-            tr, mr, rcr, ur = run_relion(rel_cmd, tmp, job, resume=args.relion_resume)
+            tr, mr, rcr, ur = run_relion(rel_cmd, tmp, tag, resume=args.relion_resume)
             record.write_text(json.dumps([tr, mr, rcr, ur]))
         if args.relion_only:
             print(f"{job}: RELION {tr:.1f} s ({ur:.0f} CPU s), {mr / 2**20:.0f} MiB (rc {rcr}); recorded in {record}",
                   flush=True)
             continue
-        tc, mc, rcc, uc = run_tree(cd_cmd, tmp, tmp / f"{job}_cryodask.log")
+        tc, mc, rcc, uc = run_tree(cd_cmd, tmp, tmp / f"{tag}_cryodask.log")
         acc_r = acc_c = float("nan")
         out_r, out_c = Path(rel_cmd[rel_cmd.index("--o") + 1]).parent, Path(cd_cmd[cd_cmd.index("--o") + 1]).parent
         try:

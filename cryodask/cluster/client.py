@@ -36,7 +36,7 @@ logger = logging.getLogger("cryodask.cluster")
 EXECUTION_DEFAULTS: dict[str, Any] = {
     "use_gpu": False, "gpu": None, "gpu_list": None, "j": None, "workers": None, "cluster": None,
     "scheduler_file": None, "scratch_dir": None, "keep_free_scratch": 10.0, "keep_scratch": False,
-    "reuse_scratch": False, "preread_images": False, "no_parallel_disc_io": False,
+    "reuse_scratch": False, "preread_images": False, "no_parallel_disc_io": False, "profile": None,
 }
 GROUP_TITLE = "execution (where and how the job runs; the same in every command)"
 
@@ -125,6 +125,9 @@ def add_execution_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
                    help="connect to the scheduler this file names; under srun -n N (N >= 3) the job makes its "
                         "own (SLURMRunner: task 0 scheduler, task 1 the job, the rest workers)")
     add_scratch_args(_IntoGroup(g))
+    g.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a cProfile of every chunk task to DIR/<task>.prof (a folder every worker can "
+                        "write); read them with python -m pstats, or together with cryodask.profiling.summary")
     # listed first in --help, before the job's own options
     parser._action_groups.remove(g)
     parser._action_groups.insert(0, g)

@@ -72,6 +72,7 @@ class JobSession:
     owners: list[str] | None = None
     gpu: dict[str, float] | None = None
     moved: int = 0  # chunks moved off lost workers so far
+    profile: str | None = None  # --profile: the folder of the chunk tasks' profiles
 
     def workers(self) -> list[str]:
         info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) \
@@ -114,6 +115,10 @@ class JobSession:
             kwargs.update(workers=[owner], allow_other_workers=True)
         if self.gpu:
             kwargs.setdefault("resources", self.gpu)
+        if self.profile:
+            from cryodask.profiling import Profiled
+
+            func = Profiled(func, self.profile, str(kwargs.get("key") or f"{func.__name__}-{uuid.uuid4().hex[:8]}"))
         return self.client.submit(func, chunk, *args, **kwargs)
 
 
@@ -144,7 +149,7 @@ def job_session(client: Any = None, /, *, name: str | None = None, **execution: 
         The execution options by their command-line names (``use_gpu``, ``gpu_list``,
         ``j``, ``workers``, ``cluster``, ``scheduler_file``, ``scratch_dir``,
         ``keep_free_scratch``, ``keep_scratch``, ``reuse_scratch``, ``preread_images``,
-        ``no_parallel_disc_io``).
+        ``no_parallel_disc_io``, ``profile``).
     name
         The job's output rootname: its scratch folder is named after it, so that
         ``--keep_scratch`` then ``--reuse_scratch`` (or ``--continue``) finds the copy.
@@ -162,10 +167,22 @@ def job_session(client: Any = None, /, *, name: str | None = None, **execution: 
     scratch = {"scratch_dir": v["scratch_dir"], "keep_free_gb": float(v["keep_free_scratch"]),
                "reuse": bool(v["reuse_scratch"]), "preread": bool(v["preread_images"]),
                "parallel_disc_io": not v["no_parallel_disc_io"], "keep_scratch": bool(v["keep_scratch"])}
+    profile = None
+    if v["profile"]:  # checked before a cluster starts
+        from pathlib import Path
+
+        folder = Path(v["profile"]).resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError("--profile", f"cannot make the folder {folder} ({exc.strerror}); give a writable "
+                                         "folder") from None
+        profile = str(folder)
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(execution_client(**execution))
         session = JobSession(client=client, execution=ex, scratch=scratch)
+        session.profile = profile
         if name:
             session.job_id = _job_id(name)
         session.gpu = gpu_task_resources(client)

@@ -783,6 +783,7 @@ def class2d(particles: Any, o: str | Path, *,
             workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
             scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
             reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+            profile: str | None = None,
             client: Any = None, K: int | None = None, iter: int = 25, psi_step: float = -1.0,
             offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
             particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
@@ -826,7 +827,7 @@ def class2d(particles: Any, o: str | Path, *,
         RELION's ``--norm`` (a normalisation correction per particle, ``rlnNormCorrection``) and
         ``--scale`` (an intensity scale per group: rlnGroupName, else micrograph); RELION's GUI turns
         both on.
-    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
+    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io, profile
         Where and how the job runs, as on the command line (the execution options,
         :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
     client
@@ -884,7 +885,8 @@ def class2d(particles: Any, o: str | Path, *,
     with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
-                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io,
+                     profile=profile) as session:
         from cryodask.em.monitor import memory_preflight
 
         fits = memory_preflight("class2d", session.client, parts_obj, chunk_given=bool(pool), K=int(K), pad=pad,

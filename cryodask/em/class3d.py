@@ -135,6 +135,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
             workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
             scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
             reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+            profile: str | None = None,
             client: Any = None, K: int = 2, ini_high: float = -1.0,
             particle_diameter: float = -1.0, healpix_order: int = 2, offset_range: float = 6.0,
             offset_step: float = 2.0, oversampling: int = 1, sym: str = "C1", ctf: bool = False,
@@ -179,7 +180,7 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
         An ``<o>_itNNN_optimiser.star`` to resume from (RELION's ``--continue``); the options that
         shape the run come from its files, ``iter``, ``tau2_fudge``, ``pad``, ``solvent_mask`` and the
         execution options may change.
-    use_gpu … no_parallel_disc_io
+    use_gpu … no_parallel_disc_io, profile
         Where the job runs, as on the command line (:mod:`cryodask.cluster.client`); ``client``
         runs it on an existing client.
     command_line
@@ -216,7 +217,8 @@ def class3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
-                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io,
+                     profile=profile) as session:
         return _classify(session, opts, log)
 
 

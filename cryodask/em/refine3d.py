@@ -204,6 +204,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
              workers: int | None = None, cluster: str | None = None, scheduler_file: str | None = None,
              scratch_dir: str | None = None, keep_free_scratch: float = 10.0, keep_scratch: bool = False,
              reuse_scratch: bool = False, preread_images: bool = False, no_parallel_disc_io: bool = False,
+             profile: str | None = None,
              client: Any = None, ini_high: float = -1.0,
              particle_diameter: float = -1.0, healpix_order: int = 2, offset_range: float = 6.0,
              offset_step: float = 2.0, oversampling: int = 1, auto_local_healpix_order: int = 4, sym: str = "C1",
@@ -230,7 +231,7 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     iter
         Hard stop: at most this many iterations before the final joined one (default:
         RELION's convergence rules, ``auto_iter_max``).
-    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io
+    use_gpu, gpu, gpu_list, j, workers, cluster, scheduler_file, scratch_dir, keep_free_scratch, keep_scratch, reuse_scratch, preread_images, no_parallel_disc_io, profile
         Where and how the job runs, as on the command line (the execution options,
         :mod:`cryodask.cluster.client`); by default a ``LocalCluster`` sized to the machine.
     client
@@ -277,7 +278,8 @@ def refine3d(i: str | Path, o: str | Path, ref: str | Path | None = None, *,
     with job_session(client, name=opts["o"], use_gpu=use_gpu, gpu=gpu, gpu_list=gpu_list, j=j, workers=workers,
                      cluster=cluster, scheduler_file=scheduler_file, scratch_dir=scratch_dir,
                      keep_free_scratch=keep_free_scratch, keep_scratch=keep_scratch, reuse_scratch=reuse_scratch,
-                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io) as session:
+                     preread_images=preread_images, no_parallel_disc_io=no_parallel_disc_io,
+                     profile=profile) as session:
         return _refine(session, opts, log)
 
 

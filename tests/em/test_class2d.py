@@ -527,6 +527,30 @@ def test_initial_references_are_ctf_corrected_band_limited_subset_averages():
     assert np.abs(refs[2]).max() == 0  # a class with no particles starts empty
 
 
+def test_profile_option_writes_a_profile_per_chunk_task(tmp_path):
+    """``--profile DIR``: every chunk task of the run writes its cProfile, which pstats reads, and
+    cryodask.profiling.summary adds up."""
+    from cryodask.profiling import summary
+
+    _simulate(tmp_path, n=60, seed=9)
+    r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", "p.star", "--o", "run", "--K", "2",
+                        "--iter", "2", "--psi_step", "30", "--offset_range", "2", "--offset_step", "1",
+                        "--particle_diameter", "110", "--ctf", "--pool", "20", "--workers", "1",
+                        "--profile", "prof"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "prof").glob("*.prof"))
+    assert len(files) == 2 * 3, [f.name for f in files]  # 2 iterations × 3 chunks of 20
+    assert all(f.name.startswith("class2d-estep-") for f in files)
+    text = summary(tmp_path / "prof", top=40, sort="cumulative")
+    assert text.startswith("6 task profiles") and "expectation_chunk" in text and "mstep_sums" in text
+    assert (tmp_path / "run_it002_classes.mrcs").is_file()
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", "p.star", "--o", "run2", "--K", "2",
+                        "--profile", "afile/prof"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("cryodask: error: --profile: cannot make the folder")
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("run2*"))
+
+
 def test_first_iteration_runs_at_relions_initial_image_size(tmp_path, monkeypatch):
     """Without --ref the references start band-limited to round(0.07·box) shells (RELION 3), so iteration 1
     runs at 2·(that + --incr_size): 24 px at box 32 (RELION on the 64-px benchmark data: 28, as ours)."""
