@@ -1121,7 +1121,9 @@ class TwoPassResult:
     concatenation of ``classes[c].orientations`` and the translation axis is
     ``fine_translations`` (fine translation indices: coarse t · n_over_trans + child).
     Samples whose coarse parent was not significant have weight 0. ``coarse`` is the first
-    pass (its ``n_significant`` is RELION's ``rlnNrOfSignificantSamples``).
+    pass (its ``n_significant`` is RELION's ``rlnNrOfSignificantSamples``); in the results of
+    :func:`score_two_pass_grouped` it holds the per-particle fields only (``weights`` and
+    ``significant`` None: the groups read the chunk's coarse mask in place).
     """
 
     coarse: Posterior
@@ -1266,15 +1268,20 @@ def _coarse_pass(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: S
 def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[int, Any], Any], lpo: Any,
                log_prior_trans: Any, *, n_class: int, n_rc: int, n_over_rot: int, n_over_trans: int,
                adaptive_fraction: float, logsigma2: Any, block_bytes: int,
-               unions: tuple[Any, Any] | None = None) -> TwoPassResult:
+               unions: tuple[Any, Any] | None = None, coarse_significant: Any = None,
+               coarse_rows: Any = None) -> TwoPassResult:
     """Pass 1 of :func:`score_two_pass`: dense over the union of the particles' significant coarse samples
-    (``unions``: :func:`_significant_unions` of ``post_c.significant`` when the caller has them)."""
+    (``unions``: :func:`_significant_unions` of their coarse mask when the caller has them). The coarse
+    mask is ``post_c.significant``, or ``coarse_significant`` (the chunk's, for a group) and its rows
+    ``coarse_rows`` (read in place: only the group's union is copied)."""
     xp = array_module(fine.power)
     rdt = fine.power.dtype
     n_i = fine.n_particles
     orient_class_c = xp.repeat(xp.arange(n_class), n_rc)
-    sig = post_c.significant
-    rows_i, trans_i = _significant_unions(sig) if unions is None else unions
+    sig = post_c.significant if coarse_significant is None else coarse_significant
+    if unions is None:
+        unions = _significant_unions(sig if coarse_rows is None else sig[coarse_rows])
+    rows_i, trans_i = unions
     rows = xp.nonzero(rows_i.any(axis=0))[0]  # union of significant (class, orientation)
     tcs = xp.nonzero(trans_i.any(axis=0))[0]  # union of significant coarse translations
     child_t = xp.arange(n_over_trans)
@@ -1292,7 +1299,7 @@ def _fine_pass(post_c: Posterior, fine: ScoringTerms, fine_projector: Callable[[
         start += int(orient.shape[0])
     diff2 = xp.empty((n_i, start, int(fine_t.shape[0])), dtype=rdt)
     _score_classes(fine_sub, [fc.projections for fc in classes], diff2, [fc.start for fc in classes], block_bytes)
-    parent = sig[:, rows, :][:, :, tcs]
+    parent = sig[:, rows, :][:, :, tcs] if coarse_rows is None else sig[xp.ix_(coarse_rows, rows, tcs)]
     valid = xp.repeat(xp.repeat(parent, n_over_rot, axis=1), n_over_trans, axis=2)
     diff2[~valid] = xp.inf
     lpo_f = None
@@ -1385,10 +1392,10 @@ def fine_groups(significant: Any, *, projection_cost: float = 8.0, group_cost: f
 
 
 def _posterior_rows(post: Posterior, idx: Any) -> Posterior:
-    # the weights are copied too although the fine pass reads only the mask: in a worker's environment the
-    # copy costs little (0.05 s of an order-3 chunk at box 128), and the memory model (em/memory.py) is
-    # calibrated with it; without it class3d's measured peak fell ~10 % below the model's
-    return Posterior(**{k: getattr(post, k)[idx] for k in post.__dataclass_fields__})
+    """The per-particle fields of ``post`` for the particles ``idx``; ``weights`` and ``significant`` None
+    (copying them per group took 1.5 s of an order-3 chunk at box 128, 12 % of the task)."""
+    return Posterior(**{k: None if k in ("weights", "significant") else getattr(post, k)[idx]
+                        for k in post.__dataclass_fields__})
 
 
 def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_projections: Sequence[Any],
@@ -1420,7 +1427,7 @@ def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_proj
                          unions=unions):
         gi = xp.asarray(g)
         sub = fine if len(g) == n_i else fine.select_particles(gi)
-        pc = post_c if len(g) == n_i else _posterior_rows(post_c, gi)
+        pc = _posterior_rows(post_c, gi)  # the coarse weights are freed on return (the M-step has no use for them)
         res = _fine_pass(pc, sub, lambda c, orient, g=g: fine_projector(g, c, orient), _take(lpo, gi, n_i)
                          if lpo is not None and lpo.ndim == 2 else lpo,
                          None if log_prior_trans is None else (
@@ -1429,6 +1436,7 @@ def score_two_pass_grouped(coarse: ScoringTerms, fine: ScoringTerms, coarse_proj
                          n_class=len(coarse_projections), n_rc=int(coarse_projections[0].shape[0]),
                          n_over_rot=n_over_rot, n_over_trans=n_over_trans, adaptive_fraction=adaptive_fraction,
                          logsigma2=_take(logsigma2, gi, n_i), block_bytes=block_bytes,
-                         unions=tuple(u if len(g) == n_i else u[gi] for u in unions))
+                         unions=tuple(u if len(g) == n_i else u[gi] for u in unions),
+                         coarse_significant=post_c.significant, coarse_rows=None if len(g) == n_i else gi)
         out.append((g, res))
     return out

@@ -323,6 +323,9 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
     mstep = s * _MSTEP_COPIES * t_f * kf * 8 + 2 * shifted_sel  # + the unmasked and masked shifted images
     gemm_c = min(scores_c * 4, max(64 * s * n_tc * 4, 0))  # an orientation block's GEMM output (per particle part)
 
+    # the M-step's weight matrix: one class's orientations at a time in 3D, all classes at once in class2d
+    # (while its posteriors are broad: class2d._stack_classes)
+    wmat_classes = 1 if ndim == 2 else max(1, n_scored)
     # phases of a chunk task: (fixed bytes, bytes per particle); the peak is the largest phase
     held_fixed = projectors + accumulators
     phases = {
@@ -338,12 +341,13 @@ def estimate(job: str, *, box: int, n_particles: int, K: int = 1, pad: float = 2
         "fine scores": (held_fixed + projections_c + projections_f + ramps,
                         images + inputs + shifted_c + shifted_f + shifted_sel
                         + scores_c * _POSTERIOR_BYTES_PER_SAMPLE + scores_f * _FINE_BYTES_PER_SAMPLE),
+        # the coarse posterior is freed once the fine passes are made (groups keep per-particle fields only)
         "M-step sums": (held_fixed + projections_c + projections_f + ramps,
                         images + inputs + shifted_c + shifted_f + mstep
-                        + (scores_c + scores_f) * _POSTERIOR_BYTES_PER_SAMPLE + scores_f * 4),
+                        + scores_f * _POSTERIOR_BYTES_PER_SAMPLE + scores_f * 4 / wmat_classes),
         "insertion": (held_fixed + projections_c + projections_f + ramps + insert,
                       images + inputs + shifted_c + shifted_f + 2 * shifted_sel
-                      + (scores_c + scores_f) * _POSTERIOR_BYTES_PER_SAMPLE),
+                      + scores_f * _POSTERIOR_BYTES_PER_SAMPLE),
     }
     if job == "class2d":  # class2d scores its chunk in batches whose shifted images fit BATCH_BYTES
         from cryodask.em.class2d import batch_size

@@ -15,7 +15,8 @@ APIX = 4.0
 
 
 def _measure_chunk(tmp_path, monkeypatch, job, box, n, order, K=1, current_size=None, coarse_size=None):
-    """tracemalloc peak of one real expectation_chunk, and the estimate given the measured significant union."""
+    """tracemalloc peak of one real expectation_chunk, and the estimate given the measured significant unions
+    (the fine passes of its groups together)."""
     import cryodask.em.estep as estep
     from cryodask.em.iteration import ChunkMeta, IterationSetup, expectation_chunk
     from cryodask.io.mrc import write_map
@@ -47,8 +48,8 @@ def _measure_chunk(tmp_path, monkeypatch, job, box, n, order, K=1, current_size=
     def recording(coarse, fine, coarse_projections, fine_projector, **kw):
         groups = original(coarse, fine, coarse_projections, fine_projector, **kw)
         n_rc = sum(int(p.shape[0]) for p in coarse_projections)
-        for _, r in groups:  # the fine pass of each group is dense over that group's union
-            union.append((sum(len(c.orientations) for c in r.classes) / kw["n_over_rot"] / n_rc,
+        for g, r in groups:  # the fine pass of each group is dense over that group's union
+            union.append((len(g), sum(len(c.orientations) for c in r.classes) / kw["n_over_rot"] / n_rc,
                           len(r.fine_translations) / kw["n_over_trans"] / coarse.n_trans))
         return groups
 
@@ -59,9 +60,13 @@ def _measure_chunk(tmp_path, monkeypatch, job, box, n, order, K=1, current_size=
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    # the groups' fine scores together, as one union for every particle: n · rows · translations = Σ_g n_g·R_g·T_g
+    n_all = sum(u[0] for u in union)
+    trans = sum(u[0] * u[2] for u in union) / n_all
+    rows = sum(u[0] * u[1] * u[2] for u in union) / n_all / trans
     est = estimate(job, box=box, n_particles=n, K=K, pad=2, healpix_order=order, offset_range=4, offset_step=2,
                    oversampling=1, chunk=n, current_size=cur, coarse_size=coarse_size,
-                   significant_fraction=max(u[0] for u in union), significant_translations=max(u[1] for u in union))
+                   significant_fraction=rows, significant_translations=trans)
     return peak, est
 
 
