@@ -339,61 +339,63 @@ def test_class2d_continues_a_relion_run(tmp_path, relion, monkeypatch):
     assert float(read_star("C/run_it004_sampling.star")["sampling_general"]["rlnOffsetRange"]) == pytest.approx(8.0)
 
 
+def _chunk_problem(tmp_path, *, n, snr, seed, n_refs, noise, origins=None, **setup):
+    """(images, ChunkInput, Class2DSetup, true views) of one chunk scored directly, references the true views."""
+    import cryodask.em.class2d as c2d
+    from cryodask.io.mrc import write_stack
+    from cryodask.io.star import read_particles
+    from cryodask.ops.ctf import ctf_params
+
+    view, truth, img = _simulate(tmp_path, n=n, snr=snr, seed=seed)
+    write_stack(tmp_path / "refs.mrcs", truth[:n_refs], APIX)
+    table = read_particles(tmp_path / "p.star")
+    kw = dict(iteration=2, box=BOX, pixel_size=APIX, pad=2, n_classes=n_refs, current_size=24,
+              references=str(tmp_path / "refs.mrcs"), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / noise / 2048),
+              class_fractions=np.full(n_refs, 1.0 / n_refs), prior_offsets=np.zeros((n_refs, 2)), sigma_offset=6.0,
+              psi_step=20, offset_range=2, offset_step=1, oversampling=1, coarse_size=16, particle_diameter=110,
+              zero_mask=True, do_ctf=True)
+    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=np.zeros((n, 2)) if origins is None else origins,
+                         optics=np.zeros(n, np.int64), n_optics=1, ctf=ctf_params(table))
+    return img, inp, c2d.Class2DSetup(**{**kw, **setup}), view
+
+
+def _assert_same_sums(a, b, *, rtol=1e-4, atol=1e-6):
+    """Two ChunkOutputs' M-step sums agree (``atol`` relative to each accumulator's largest value)."""
+    for x, y in zip(a.sums.bp, b.sums.bp):
+        assert np.allclose(x.data, y.data, rtol=rtol, atol=atol * np.abs(y.data).max())
+        assert np.allclose(x.weight, y.weight, rtol=rtol, atol=atol * y.weight.max())
+    assert np.allclose(a.sums.sigma2_sum, b.sums.sigma2_sum, rtol=1e-4)
+    assert np.allclose(a.sums.class_weight, b.sums.class_weight, rtol=1e-5)
+    assert np.allclose(a.sums.offset_sum, b.sums.offset_sum, rtol=1e-4, atol=1e-4)
+
+
 def test_chunk_in_batches_equals_one_batch(tmp_path, monkeypatch):
     """A chunk scored a few particles at a time (the memory budget) sums to what one batch gives."""
     import cryodask.em.class2d as c2d
-    from cryodask.io.mrc import write_stack
-    from cryodask.ops.ctf import ctf_params
-    from cryodask.io.star import read_particles
 
-    view, truth, img = _simulate(tmp_path, n=30, snr=0.3, seed=4)
-    refs = tmp_path / "refs.mrcs"
-    write_stack(refs, truth[:3], APIX)
-    table = read_particles(tmp_path / "p.star")
-    n = len(img)
-    setup = c2d.Class2DSetup(iteration=2, box=BOX, pixel_size=APIX, pad=2, n_classes=3, current_size=24,
-                             references=str(refs), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / 1.3 / 2048),
-                             class_fractions=np.array([0.5, 0.3, 0.2]), prior_offsets=np.zeros((3, 2)),
-                             sigma_offset=6.0, psi_step=20, offset_range=2, offset_step=1, oversampling=1,
-                             coarse_size=16, particle_diameter=110, zero_mask=True, do_ctf=True)
-    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=np.zeros((n, 2)), optics=np.zeros(n, np.int64),
-                         n_optics=1, ctf=ctf_params(table))
+    img, inp, setup, _ = _chunk_problem(tmp_path, n=30, snr=0.3, seed=4, n_refs=3, noise=1.3,
+                                        class_fractions=np.array([0.5, 0.3, 0.2]))
     one = c2d.expectation_chunk(img, inp, setup)
     monkeypatch.setattr(c2d, "BATCH_BYTES", 1)  # one particle per batch
     many = c2d.expectation_chunk(img, inp, setup)
     assert np.array_equal(one.class_number, many.class_number) and np.allclose(one.psi, many.psi)
     assert np.allclose(one.pmax, many.pmax, atol=1e-5)
-    for a, b in zip(one.sums.bp, many.sums.bp):
-        assert np.allclose(a.data, b.data, rtol=1e-4, atol=1e-6 * np.abs(a.data).max())
-        assert np.allclose(a.weight, b.weight, rtol=1e-4, atol=1e-6 * a.weight.max())
-    assert np.allclose(one.sums.sigma2_sum, many.sums.sigma2_sum, rtol=1e-4)
-    assert np.allclose(one.sums.class_weight, many.sums.class_weight, rtol=1e-5)
-    assert one.sums.class_weight.sum() == pytest.approx(n, rel=1e-3)  # the significant samples hold ≥ 0.999
+    _assert_same_sums(one, many)
+    assert one.sums.class_weight.sum() == pytest.approx(len(img), rel=1e-3)  # the significant samples hold ≥ 0.999
 
 
 def test_mstep_of_all_classes_at_once_equals_class_by_class(tmp_path, monkeypatch):
     """The M-step sums of a chunk taken over all classes in one call (broad posteriors) equal those taken
     class by class (sharp posteriors), and the choice between them follows the classes' occupancy."""
     import cryodask.em.class2d as c2d
-    from cryodask.io.mrc import write_stack
-    from cryodask.ops.ctf import ctf_params
-    from cryodask.io.star import read_particles
 
     assert c2d._stack_classes(np.ones((10, 4), bool), np.full(4, 36))  # every particle in every class
     assert not c2d._stack_classes(np.eye(4, dtype=bool)[np.arange(10) % 4], np.full(4, 36))  # one class each
     assert not c2d._stack_classes(np.ones((10, 1), bool), np.full(1, 36))
-    view, truth, img = _simulate(tmp_path, n=30, snr=0.05, seed=6)
-    refs = tmp_path / "refs.mrcs"
-    write_stack(refs, truth[:3], APIX)
-    table = read_particles(tmp_path / "p.star")
-    n = len(img)
-    setup = c2d.Class2DSetup(iteration=2, box=BOX, pixel_size=APIX, pad=2, n_classes=3, current_size=24,
-                             references=str(refs), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / 1.05 / 2048),
-                             class_fractions=np.array([0.5, 0.3, 0.2]), prior_offsets=np.array([[0, 0], [1, 0], [0, -1]]),
-                             sigma_offset=6.0, psi_step=20, offset_range=2, offset_step=1, oversampling=1,
-                             coarse_size=16, particle_diameter=110, zero_mask=True, do_ctf=True, do_norm=True)
-    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=rng_origins(n), optics=np.zeros(n, np.int64),
-                         n_optics=1, ctf=ctf_params(table))
+    img, inp, setup, _ = _chunk_problem(tmp_path, n=30, snr=0.05, seed=6, n_refs=3, noise=1.05,
+                                        origins=np.random.default_rng(7).uniform(-1, 1, size=(30, 2)),
+                                        class_fractions=np.array([0.5, 0.3, 0.2]), do_norm=True,
+                                        prior_offsets=np.array([[0, 0], [1, 0], [0, -1]]))
     taken = []
     decide = c2d._stack_classes
     monkeypatch.setattr(c2d, "_stack_classes", lambda *a: taken.append(decide(*a)) or taken[-1])
@@ -403,46 +405,24 @@ def test_mstep_of_all_classes_at_once_equals_class_by_class(tmp_path, monkeypatc
     monkeypatch.setattr(c2d, "STACK_CLASSES_COST", 0.0)
     per_class = c2d.expectation_chunk(img, inp, setup)
     assert all(taken[:n_calls]) and not any(taken[n_calls:]) and len(taken) == 2 * n_calls
-    a, b = stacked.sums, per_class.sums
-    for x, y in zip(a.bp, b.bp):
-        assert np.allclose(x.data, y.data, rtol=1e-4, atol=1e-6 * np.abs(y.data).max())
-        assert np.allclose(x.weight, y.weight, rtol=1e-4, atol=1e-6 * y.weight.max())
-        assert np.abs(y.weight).max() > 0
-    assert np.allclose(a.sigma2_sum, b.sigma2_sum, rtol=1e-4)
-    assert np.allclose(a.class_weight, b.class_weight, rtol=1e-5) and (b.class_weight > 0.5).all()
-    assert np.allclose(a.offset_sum, b.offset_sum, rtol=1e-4, atol=1e-4)
-    assert a.sigma2_offset == pytest.approx(b.sigma2_offset, rel=1e-4) and b.sigma2_offset > 0
+    _assert_same_sums(stacked, per_class)
+    assert all(np.abs(y.weight).max() > 0 for y in per_class.sums.bp)
+    assert (per_class.sums.class_weight > 0.5).all()
+    assert stacked.sums.sigma2_offset == pytest.approx(per_class.sums.sigma2_offset, rel=1e-4)
+    assert per_class.sums.sigma2_offset > 0
     assert np.allclose(stacked.norm, per_class.norm, rtol=1e-5)
     assert np.array_equal(stacked.class_number, per_class.class_number)
-
-
-def rng_origins(n):
-    return np.random.default_rng(7).uniform(-1, 1, size=(n, 2))
 
 
 def test_fine_pass_in_groups_equals_one_group(tmp_path, monkeypatch):
     """Particles scored in groups of similar significant samples (each group's fine pass dense over its own
     union) get the posteriors and sums of one fine pass over the whole batch."""
     import cryodask.em.class2d as c2d
-    from cryodask.io.mrc import write_stack
-    from cryodask.ops.ctf import ctf_params
-    from cryodask.io.star import read_particles
-
-    view, truth, img = _simulate(tmp_path, n=40, snr=0.5, seed=8)
-    refs = tmp_path / "refs.mrcs"
-    write_stack(refs, truth, APIX)
-    table = read_particles(tmp_path / "p.star")
-    n, K = len(img), len(truth)
-    setup = c2d.Class2DSetup(iteration=3, box=BOX, pixel_size=APIX, pad=2, n_classes=K, current_size=32,
-                             references=str(refs), sigma2_noise=np.full((1, BOX // 2 + 1), img.var() / 1.5 / 2048),
-                             class_fractions=np.full(K, 1.0 / K), prior_offsets=np.zeros((K, 2)),
-                             sigma_offset=6.0, psi_step=15, offset_range=2, offset_step=1, oversampling=1,
-                             coarse_size=16, particle_diameter=110, zero_mask=True, do_ctf=True)
-    inp = c2d.ChunkInput(chunk=0, index=np.arange(n), origins_px=np.zeros((n, 2)), optics=np.zeros(n, np.int64),
-                         n_optics=1, ctf=ctf_params(table))
-    sizes = []
     from cryodask.em import estep
 
+    img, inp, setup, view = _chunk_problem(tmp_path, n=40, snr=0.5, seed=8, n_refs=5, noise=1.5, iteration=3,
+                                           current_size=32, psi_step=15)
+    sizes = []
     real = estep.score_two_pass_grouped
 
     def spy(*a, **k):
@@ -458,13 +438,8 @@ def test_fine_pass_in_groups_equals_one_group(tmp_path, monkeypatch):
     assert sizes[0] >= 3 and sizes[1] == 1, sizes  # sharp posteriors: groups of particles with similar poses
     assert np.array_equal(one.class_number, many.class_number) and np.allclose(one.psi, many.psi)
     assert np.mean(one.class_number - 1 == view) >= 0.9
-    assert np.allclose(one.pmax, many.pmax, atol=1e-3) and np.allclose(one.origins_px, many.origins_px)  # float32 GEMMs
-    for a, b in zip(one.sums.bp, many.sums.bp):  # weights differ by float32 rounding of the scores (1e-4)
-        assert np.allclose(a.data, b.data, rtol=1e-3, atol=1e-4 * np.abs(a.data).max())
-        assert np.allclose(a.weight, b.weight, rtol=1e-3, atol=1e-4 * a.weight.max())
-    assert np.allclose(one.sums.sigma2_sum, many.sums.sigma2_sum, rtol=1e-4)
-    assert np.allclose(one.sums.class_weight, many.sums.class_weight, rtol=1e-5)
-    assert np.allclose(one.sums.offset_sum, many.sums.offset_sum, rtol=1e-4, atol=1e-5)
+    assert np.allclose(one.pmax, many.pmax, atol=1e-3) and np.allclose(one.origins_px, many.origins_px)
+    _assert_same_sums(one, many, rtol=1e-3, atol=1e-4)  # weights differ by float32 rounding of the scores (1e-4)
 
 
 def test_class2d_refuses_chunks_that_do_not_fit_before_starting(tmp_path, monkeypatch):
