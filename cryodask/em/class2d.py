@@ -364,8 +364,10 @@ def _pixels(box: int, r_max: float, ft: np.ndarray, mft: np.ndarray, ctf_full: n
     isg = isg_m.copy()
     isg[:, shell == 0] = 0.0  # scoring leaves the origin out
     return dict(flat=flat, kx=kx, ky=ky, shell=shell, freqs=np.stack([kx, ky], axis=1),
-                Xu=ft.reshape(n, -1)[:, flat].astype(np.complex64), Xm=mft.reshape(n, -1)[:, flat].astype(np.complex64),
-                ctf=ctf_full.reshape(n, -1)[:, flat], isg=isg, isg_m=isg_m)
+                # np.take keeps rows C-ordered ([:, flat] would make them Fortran-ordered)
+                Xu=np.take(ft.reshape(n, -1), flat, axis=1).astype(np.complex64),
+                Xm=np.take(mft.reshape(n, -1), flat, axis=1).astype(np.complex64),
+                ctf=np.take(ctf_full.reshape(n, -1), flat, axis=1), isg=isg, isg_m=isg_m)
 
 
 def _offset_d2(old: np.ndarray, T: np.ndarray, prior: np.ndarray, apix: float) -> np.ndarray:
