@@ -395,15 +395,16 @@ class _FineCache:
         cap = max(need, 2 * cap, 16)
         k = like.shape[1]
 
-        def grown(old, shape, dtype, mod):
-            new = mod.zeros(shape, dtype)
+        def grown(old, shape, dtype, mod, zero=True):
+            new = mod.zeros(shape, dtype) if zero else mod.empty(shape, dtype)
             if old is not None:
                 new[:old.shape[0]] = old
             return new
 
         rows = cap * self.n_over
-        self.P = grown(self.P, (rows, k), like.dtype, xp)
-        self.mats = grown(self.mats, (rows, 3, 3), np.float32, np)
+        # projections and matrices are written before they are read; the sums start at 0
+        self.P = grown(self.P, (rows, k), like.dtype, xp, zero=False)
+        self.mats = grown(self.mats, (rows, 3, 3), np.float32, np, zero=False)
         self.data = grown(self.data, (rows, k), like.dtype, xp)
         self.weight = grown(self.weight, (rows, k), np.float32, xp)
         self.touched = grown(self.touched, (rows,), bool, np)
