@@ -41,6 +41,9 @@ _CHUNK_READ = re.compile(r"^cryodask-chunk-.+-(\d+)$")
 def test_chunk_tasks_run_where_their_chunk_is(class3d_local):
     stream = class3d_local.task_stream
     reader = {t["key"]: t["worker"] for t in stream if _CHUNK_READ.match(t["key"])}
+    # reads are pinned loosely (a lost worker's chunks must still be read): work stealing may move one
+    stolen_reads = {t["key"] for t in stream if _CHUNK_READ.match(t["key"]) and t["stolen"]}
+    kept: dict[int, set[str]] = {}
     by_iteration: dict[int, dict[int, str]] = {}
     remote = []
     for t in stream:
@@ -50,15 +53,18 @@ def test_chunk_tasks_run_where_their_chunk_is(class3d_local):
         it, n, chunk_key = int(m[1]), int(m[2]), m[3]
         assert int(_CHUNK_READ.match(chunk_key)[1]) == n
         by_iteration.setdefault(it, {})[n] = reader[chunk_key]
+        if chunk_key not in stolen_reads:
+            kept.setdefault(n, set()).add(reader[chunk_key])
         if t["worker"] != reader[chunk_key]:
             remote.append(t)
     # all iterations, every chunk scored once per iteration, on both workers
     assert sorted(by_iteration) == [1, 2, 3]
     assert all(sorted(v) == list(range(CHUNKS)) for v in by_iteration.values())
-    first = by_iteration[1]
-    assert len(set(first.values())) == 2
-    # the chunk-to-worker map is the same every iteration: chunk n is read by the same worker
-    assert by_iteration[2] == first and by_iteration[3] == first
+    assert len(set(by_iteration[1].values())) == 2
+    # the chunk-to-worker map is the same every iteration: chunk n is read by the same worker (reads that
+    # work stealing moved aside: few)
+    assert all(len(w) == 1 for w in kept.values()), kept
+    assert len(stolen_reads) <= CHUNKS // 4, sorted(stolen_reads)
     # a scoring task runs where its chunk is, unless work stealing moved it (none did, or only a few)
     assert all(t["stolen"] for t in remote), [t["key"] for t in remote if not t["stolen"]]
     assert len(remote) <= CHUNKS // 4
