@@ -496,19 +496,15 @@ def batch_size(n_trans: int, n_pixels: int, budget: int = BATCH_BYTES) -> int:
     return max(1, int(budget // max(1, 3 * 8 * n_trans * n_pixels)))
 
 
-def _insert_slabs(slabs: dict[int, Any], psi_grid: np.ndarray, flat: np.ndarray, box: int, bps: list[Any]) -> None:
-    """Insert each class's summed slices (``slabs[k]``: data and weight on the window's pixels ``flat``
+def _insert_slabs(slabs: dict[int, Any], psi_grid: np.ndarray, kx: np.ndarray, ky: np.ndarray, bps: list[Any]) -> None:
+    """Insert each class's summed slices (``slabs[k]``: data and weight on the window's pixels ``kx, ky``
     per orientation of ``psi_grid``, and which orientations got any) into ``bps[k]``: one insertion per
     class and batch, whichever groups of particles the slices came from."""
-    half = box * (box // 2 + 1)
+    keep = ~((kx == 0) & (ky < 0))  # the Friedel mates BackProjector.insert leaves out
     for k, (data, weight, used) in sorted(slabs.items()):
         o = np.flatnonzero(used)
-        slices = np.zeros((len(o), half), np.complex64)
-        weights = np.zeros((len(o), half), np.float32)
-        slices[:, flat] = data[o]
-        weights[:, flat] = weight[o]
-        bps[k].insert(slices.reshape(len(o), box, box // 2 + 1), psi_grid[o],
-                      weights=weights.reshape(len(o), box, box // 2 + 1))
+        bps[k].insert_pixels(np.compress(keep, data[o], axis=1), psi_grid[o], np.compress(keep, weight[o], axis=1),
+                             kx[keep], ky[keep])
 
 
 #: the M-step sums take all classes in one pair of GEMMs when that scores at most this many times the
@@ -559,7 +555,7 @@ def _expectation_batch(ft: np.ndarray, mft: np.ndarray, ctf_full: np.ndarray, op
         out["log_likelihood"][g] = s["log_likelihood"]
         out["wdiff2"][g] = _add_mstep_sums(s, {key: px[key][g] for key in ("Xu", "ctf", "isg_m")}, px, old[g],
                                            optics[g], n_optics, local_group[g], batch_groups, setup, slabs, acc)
-    _insert_slabs(slabs, scored[0]["psi_grid"], px["flat"], box, bps)
+    _insert_slabs(slabs, scored[0]["psi_grid"], px["kx"], px["ky"], bps)
     out["window_power"] = (np.abs(px["Xm"].astype(np.complex128)) ** 2).sum(axis=1)
     return out
 
@@ -1301,5 +1297,3 @@ def write_sampling_2d(path: str | os.PathLike[str], state: Any, pixel_size: floa
     from cryodask.em.state import write_sampling
 
     write_sampling(path, state, pixel_size, is_3d=False)
-
-

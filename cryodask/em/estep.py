@@ -1025,8 +1025,9 @@ def mstep_sums(weights: Any, X_shifted: Any, P: Any, *, ctf: Any, inv_sigma2: An
 
         trans_wc, orient_w, w_ir_all = significant_marginals(w, significant, orient_class, n_classes)
     else:
-        trans_wc = w.sum(axis=1)  # (N_i, N_t)
-        if orient_class is not None:
+        if orient_class is None:
+            trans_wc = w.sum(axis=1)  # (N_i, N_t)
+        else:
             oc = xp.asarray(orient_class)
             trans_wc = xp.stack([w[:, oc == c, :].sum(axis=1) for c in range(n_classes)], axis=1)
         orient_w = w.sum(axis=(0, 2), dtype=np.float64)
