@@ -386,7 +386,7 @@ def _iterations(run, refs: list[str], model, monitor) -> Class3DResult:
                 adaptive_fraction=st.adaptive_fraction, particle_diameter=st.particle_diameter,
                 width_mask_edge=st.width_mask_edge, zero_mask=st.do_zero_mask, do_ctf=st.do_ctf_correction,
                 random_seed=st.random_seed, split_halves=False, class_fractions=list(model.class_fractions),
-                random_classes=random_classes, n_acc_particles=0, do_norm=st.do_norm_correction, mode=mode,
+                random_classes=random_classes, do_norm=st.do_norm_correction, mode=mode,
                 avg_norm=float(model.avg_norm), scale=model.scale[None] if st.do_scale_correction else None,
                 direction_prior=direction_prior(model.pdf_direction if len(model.pdf_direction) == K else [],
                                                 st.healpix_order, st.sym))

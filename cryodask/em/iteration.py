@@ -37,7 +37,7 @@ import numpy as np
 from cryodask import backend
 
 __all__ = ["IterationSetup", "ChunkMeta", "ChunkResult", "Accumulators", "expectation_chunk", "scale_groups",
-           "direction_prior",
+           "direction_prior", "expected_accuracy_chunk",
            "load_projector", "sum_accumulators", "pixel_shells", "prepare_images", "fsc_of_accumulators",
            "join_halves_at_low_resolution", "initial_noise_chunk", "rotation_angle_between", "sampling_points"]
 
@@ -75,7 +75,7 @@ class IterationSetup:
     zero_mask: bool = False
     do_ctf: bool = True
     random_seed: int = 0
-    n_acc_particles: int = 5  # particles per chunk used for the expected angular accuracy
+    n_acc_particles: int = 5  # particles per chunk and half-set for the expected accuracies (refine3d)
     split_halves: bool = True  # refine3d: one reference per half-set; class3d: K references for all
     class_fractions: list[float] | None = None  # class3d priors
     random_classes: bool = False  # class3d's first iteration: each particle to one random class
@@ -118,8 +118,6 @@ class Accumulators:
     n_particles: np.ndarray  # (n_halves, n_optics)
     sigma2_offset: np.ndarray  # (n_halves,) Σ w |Δt|² (Å²)
     weight_sum: np.ndarray  # (n_halves,)
-    acc_rot: np.ndarray  # (2,) Σ accuracy, count
-    acc_trans: np.ndarray  # (2,)
     class_weight: np.ndarray  # (n_references,) Σ w per reference
     # --scale: (n_halves, n_groups, nsh) Σ w⟨X, s·CTF·A⟩ and Σ w|s·CTF·A|² per shell (None: not summed)
     signal_product: np.ndarray | None = None
@@ -137,8 +135,8 @@ class Accumulators:
         return self
 
 
-_SUMMED = ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "acc_rot",
-           "acc_trans", "class_weight", "signal_product", "reference_power", "direction_weight")
+_SUMMED = ("sigma2_sum", "power_sum", "pixel_count", "n_particles", "sigma2_offset", "weight_sum", "class_weight",
+           "signal_product", "reference_power", "direction_weight")
 
 
 @dataclass
@@ -535,7 +533,7 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     scored against all references together, with the class priors ``setup.class_fractions``,
     and class ``k``'s weighted slices go into ``bp[k]``.
     """
-    from cryodask.geometry.euler import euler_to_matrix, matrix_to_euler
+    from cryodask.geometry.euler import matrix_to_euler
     from cryodask.geometry.healpix import healpix_sampling, local_subset
     from cryodask.geometry.shifts import oversample_translations, translation_grid
     from cryodask.em.estep import phase_ramps
@@ -586,7 +584,7 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
         bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(n_refs)],
         sigma2_sum=np.zeros((n_sets, n_opt, nsh)), power_sum=np.zeros((n_sets, n_opt, nsh)),
         pixel_count=np.zeros((n_sets, n_opt, nsh)), n_particles=np.zeros((n_sets, n_opt)),
-        sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets), acc_rot=np.zeros(2), acc_trans=np.zeros(2),
+        sigma2_offset=np.zeros(n_sets), weight_sum=np.zeros(n_sets),
         class_weight=np.zeros(n_refs))
     if not setup.local_searches:
         acc.direction_weight = np.zeros((n_refs, sampling.n_directions))
@@ -603,7 +601,6 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
     nsig = np.zeros(n, np.int64)
     ll = np.zeros(n)
     failed = np.zeros(n, bool)
-    old_mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3)
 
     n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
     for h in range(n_sets):
@@ -730,13 +727,6 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                     acc.sigma2_offset[h] += sums.sigma2_offset
                     acc.weight_sum[h] += float(backend.to_numpy(sums.sum_weight).sum())
                     acc.class_weight[k] += sums.class_weight
-        # expected accuracy (RELION's calculateExpectedAngularErrors, simplified) on a few particles
-        k = min(setup.n_acc_particles, len(sel))
-        if k and setup.mode == "ml":
-            ar, at = _expected_accuracy(projs[0], sel[:k], old_mats, C, sigma2, meta.optics, kx_f, ky_f, sh_f,
-                                        flat_f, setup)
-            acc.acc_rot += [ar * k, k]
-            acc.acc_trans += [at * k, k]
     norm_out = norm_in
     if setup.do_norm and setup.mode == "ml":
         from cryodask.em.mstep import norm_correction
@@ -749,42 +739,69 @@ def expectation_chunk(images: np.ndarray, meta: ChunkMeta, setup: IterationSetup
                        norm=norm_out)
 
 
+def expected_accuracy_chunk(meta: ChunkMeta, setup: IterationSetup) -> np.ndarray:
+    """RELION's ``calculateExpectedAngularErrors`` on the first ``setup.n_acc_particles`` particles of each
+    half-set of a chunk, at their current poses against the iteration's references and σ², at the
+    iteration's image size.
+
+    Needs no images: only the CTFs, poses and model. refine3d runs it at the start of an iteration, before
+    the sampling is updated from it, as RELION does. Returns ``[[Σ rotation (°), n], [Σ shift (Å), n]]``,
+    to be added over chunks.
+    """
+    from cryodask.geometry.euler import euler_to_matrix
+
+    box = setup.box
+    r_cur = setup.current_size / 2.0
+    flat, kx, ky, shell = pixel_shells(box, r_cur)
+    mats = euler_to_matrix(meta.rot, meta.tilt, meta.psi).reshape(-1, 3, 3)
+    group = meta.optics if meta.group is None else np.asarray(meta.group, np.int64)
+    n_refs = len(setup.reference_paths)
+    out = np.zeros((2, 2))
+    for h in range(n_refs if setup.split_halves else 1):
+        sel = np.flatnonzero(meta.half == h + 1) if setup.split_halves and n_refs > 1 else np.arange(len(mats))
+        sel = sel[:setup.n_acc_particles]
+        if len(sel) == 0:
+            continue
+        ctf = _ctf(meta, sel, box, setup.pixel_size, setup.do_ctf).reshape(len(sel), -1)[:, flat]
+        if setup.scale is not None:
+            ctf = ctf * np.asarray(setup.scale, np.float64)[h, group[sel]][:, None].astype(ctf.dtype)
+        proj = load_projector(setup.reference_paths[h], pad=setup.pad, r_max=r_cur)
+        rng = np.random.default_rng(int(sel[0]) + 17)
+        for j, i in enumerate(sel):
+            isg = _inv_sigma2(setup.sigma2_noise[h], meta.optics[[i]], shell, origin=False)[0]
+            rot, shift = _expected_accuracy(proj, mats[i], ctf[j], isg, kx, ky, rng, box, setup.pixel_size)
+            out += [[rot, 1], [shift, 1]]
+    return out
+
+
 _ANGLE_STEPS = np.concatenate([np.arange(0.05, 1.0, 0.05), np.arange(1.0, 5.0, 0.1), np.arange(5.0, 30.0, 0.5)])
 _SHIFT_STEPS = np.concatenate([np.arange(0.1, 2.0, 0.1), np.arange(2.0, 10.0, 0.25)])
 
 
-def _expected_accuracy(proj, sel, mats, C, sigma2, optics, kx, ky, shell, flat, setup) -> tuple[float, float]:
-    """Mean over ``sel`` of the smallest rotation (degrees) and shift (Å) that change the
-    expected image by Σ|CTF·ΔP|²/(2σ²) > ln 100 (RELION's ``calculateExpectedAngularErrors``,
-    rotation about a random axis instead of RELION's separate rot/tilt/psi)."""
+def _expected_accuracy(proj, mat, ctf, inv_sigma2, kx, ky, rng, box, pixel_size) -> tuple[float, float]:
+    """The smallest rotation (degrees) and shift (Å) of one particle's expected image that change it by
+    Σ|CTF·ΔP|²/(2σ²) > ln 100 (rotation about a random axis instead of RELION's separate rot/tilt/psi)."""
     from scipy.spatial.transform import Rotation
 
     thr = math.log(100.0)
-    out_r, out_t = [], []
-    rng = np.random.default_rng(int(sel[0]) + 17)
-    for i in sel:
-        isg = _inv_sigma2(sigma2, optics[[i]], shell, origin=False)[0]
-        ctf = C[i][flat]
-        p0 = proj.sample(mats[[i]].astype(np.float32), kx, ky)[0] * ctf
-        axis = rng.standard_normal(3)
-        axis /= np.linalg.norm(axis)
-        pert = Rotation.from_rotvec(np.deg2rad(_ANGLE_STEPS)[:, None] * axis[None, :]).as_matrix()
-        mats_p = (mats[i][None] @ pert).astype(np.float32)
-        angle = _ANGLE_STEPS[-1]
-        for s in range(0, len(_ANGLE_STEPS), 16):  # in steps, as RELION stops at the first angle over
-            pp = proj.sample(mats_p[s:s + 16], kx, ky) * ctf[None]
-            d = (np.abs(pp - p0[None]) ** 2 * isg[None]).sum(axis=1) / 2.0
-            j = np.flatnonzero(d > thr)
-            if len(j):
-                angle = _ANGLE_STEPS[s + j[0]]
-                break
-        out_r.append(angle)
-        # shift along x: |P|²·|1 − e^{iφ}|² = |P|²·4 sin²(φ/2)
-        phase = 2 * np.pi * kx[None, :] * _SHIFT_STEPS[:, None] / setup.box
-        ds = ((np.abs(p0) ** 2 * isg)[None] * 4 * np.sin(phase / 2) ** 2).sum(axis=1) / 2.0
-        j = np.flatnonzero(ds > thr)
-        out_t.append((_SHIFT_STEPS[j[0]] if len(j) else _SHIFT_STEPS[-1]) * setup.pixel_size)
-    return float(np.mean(out_r)), float(np.mean(out_t))
+    p0 = proj.sample(mat[None].astype(np.float32), kx, ky)[0] * ctf
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    pert = Rotation.from_rotvec(np.deg2rad(_ANGLE_STEPS)[:, None] * axis[None, :]).as_matrix()
+    mats_p = (mat[None] @ pert).astype(np.float32)
+    angle = _ANGLE_STEPS[-1]
+    for s in range(0, len(_ANGLE_STEPS), 16):  # in steps, as RELION stops at the first angle over
+        pp = proj.sample(mats_p[s:s + 16], kx, ky) * ctf[None]
+        d = (np.abs(pp - p0[None]) ** 2 * inv_sigma2[None]).sum(axis=1) / 2.0
+        j = np.flatnonzero(d > thr)
+        if len(j):
+            angle = _ANGLE_STEPS[s + j[0]]
+            break
+    # shift along x: |P|²·|1 − e^{iφ}|² = |P|²·4 sin²(φ/2)
+    phase = 2 * np.pi * kx[None, :] * _SHIFT_STEPS[:, None] / box
+    ds = ((np.abs(p0) ** 2 * inv_sigma2)[None] * 4 * np.sin(phase / 2) ** 2).sum(axis=1) / 2.0
+    j = np.flatnonzero(ds > thr)
+    return float(angle), float((_SHIFT_STEPS[j[0]] if len(j) else _SHIFT_STEPS[-1]) * pixel_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -457,30 +457,19 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
     while True:
         t0 = time.time()
         it = st.iteration + 1
-        _start_iteration(st, apix)
+        # RELION's order: checkConvergence (end of the last iteration), the image size, the expected
+        # accuracies against this iteration's references, then updateAngularSampling with them
+        _check_convergence(st)
         final = st.do_join_random_halves
         m0 = run.models[0]
-        # image sizes (RELION's updateImageSizeAndResolutionPointers)
-        if final:
-            current_size = box
-        elif it == 1 and st.ini_high > 0:
-            current_size = image_size_for(_ires(st.ini_high, box, apix), box, st.incr_size)
-        else:
-            ires = _ires(m0.current_resolution, box, apix)
-            incr = st.incr_size
-            fsc = 0.5 * (run.models[0].fsc[0] + run.models[1].fsc[0])
-            if it > 1:
-                i143 = _first_below(fsc, 0.143)
-                i05 = _first_below(fsc, 0.5)
-                incr = max(incr, i143 - i05 + 5)
-            current_size = image_size_for(ires, box, incr)
-            if st.has_high_fsc_at_limit:
-                current_size = min(box, current_size + box // 4)
-        current_size -= current_size % 2
+        current_size = _image_size(run, it, final)
+        mode = "cc" if (it == 1 and st.firstiter_cc) else "ml"
+        if mode == "ml":
+            st.acc_rot, st.acc_trans = _expected_accuracies(run, it, refs, current_size)
+        _update_angular_sampling(st, apix)
         step = angular_step(st.healpix_order)
         coarse_size = coarse_image_size(step, st.particle_diameter if st.particle_diameter > 0 else box * apix * 0.8,
                                         apix, box, current_size)
-        mode = "cc" if (it == 1 and st.firstiter_cc) else "ml"
         setup = IterationSetup(
             iteration=it, box=box, pixel_size=apix, pad=float(m0.pad), current_size=current_size,
             coarse_size=coarse_size, reference_paths=[str(Path(r).resolve()) for r in refs],
@@ -564,7 +553,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             if st.do_solvent:
                 maps = [_solvent_flatten(m, st.particle_diameter, apix, st.width_mask_edge) for m in maps]
         acc = summary["acc"]
-        # ---- model update: σ², σ_offset, resolution, accuracies
+        # ---- model update: σ², σ_offset, resolution
         npix_all = np.bincount(_all_shells(box), minlength=nsh)[:nsh].astype(np.float64)
         r_win = current_size // 2
         for h, m in enumerate(run.models):
@@ -597,9 +586,6 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             if st.do_scale_correction and mode == "ml" and acc.signal_product is not None:
                 m.scale = scale_correction(m.scale, acc.signal_product[h], acc.reference_power[h], dvps[h],
                                            m.group_nr_particles)
-        if acc.acc_rot[1] > 0:
-            st.acc_rot = float(acc.acc_rot[0] / acc.acc_rot[1])
-            st.acc_trans = float(acc.acc_trans[0] / acc.acc_trans[1])
         ires_new = _last_shell_ssnr(0.5 * (np.asarray(dvps[0]) + np.asarray(dvps[1])))
         ires_new = max(1, min(ires_new, current_size // 2))
         res_new = box * apix / ires_new
@@ -611,7 +597,7 @@ def _iterations(run: _Run, refs: list[str], monitor: Any) -> Refine3DResult:
             m.estimated_resolution[0] = gold
         lim_shell = min(current_size // 2, nsh - 1)
         st.has_high_fsc_at_limit = bool(fsc_now[lim_shell] > 0.2)
-        # ---- convergence counters (RELION's updateOverallChangesInHiddenVariables); acted on by _start_iteration
+        # ---- convergence counters (RELION's updateOverallChangesInHiddenVariables); acted on at the next start
         st.iteration = it
         if not final:
             _count_stalled_iterations(st, 1.0 / res_new, 1.0 / res_before if res_before > 0 else 0.0, ch_ori, ch_off,
@@ -715,31 +701,82 @@ def _count_stalled_iterations(st, resol: float, resol_before: float, ch_ori: flo
     st.smallest_changes_optimal_offsets = min(st.smallest_changes_optimal_offsets, ch_off)
 
 
-def _start_iteration(st, apix: float) -> None:
-    """RELION's checkConvergence and updateAngularSampling, at the start of an iteration from the counters of
-    the last one: converged, or the next HEALPix order once resolution and hidden variables stall; the final
-    iteration after convergence or --iter; a new random perturbation. Done here rather than at the end of the
-    last iteration, so that its files hold the sampling it used, as RELION's, and a continued run decides
-    the same way.
+def _image_size(run: _Run, it: int, final: bool) -> int:
+    """RELION's ``updateImageSizeAndResolutionPointers``: the whole box in the final iteration; the
+    ``--ini_high`` shell in the first; else twice the resolution shell plus a margin that grows with the
+    distance between the FSC's 0.5 and 0.143 crossings, and a quarter box more while the FSC is high at the
+    limit."""
+    st, box, apix = run.state, run.box, run.apix
+    if final:
+        size = box
+    elif it == 1 and st.ini_high > 0:
+        size = image_size_for(_ires(st.ini_high, box, apix), box, st.incr_size)
+    else:
+        incr = st.incr_size
+        if it > 1:
+            fsc = 0.5 * (run.models[0].fsc[0] + run.models[1].fsc[0])
+            incr = max(incr, _first_below(fsc, 0.143) - _first_below(fsc, 0.5) + 5)
+        size = image_size_for(_ires(run.models[0].current_resolution, box, apix), box, incr)
+        if st.has_high_fsc_at_limit:
+            size = min(box, size + box // 4)
+    return size - size % 2
 
-    As RELION, a stall at a sampling already finer than 0.75 × the angular accuracy only marks the sampling
-    fine enough; convergence is declared at the next stall, so the last order runs one more iteration.
-    """
-    from cryodask.geometry.healpix import angular_step, next_random_perturbation
 
+def _expected_accuracies(run: _Run, it: int, refs: list[str], current_size: int) -> tuple[float, float]:
+    """RELION's ``calculateExpectedAngularErrors`` at the start of an iteration: the mean smallest rotation (°)
+    and shift (Å) that change a particle's expected image significantly, against the iteration's references
+    and σ² at the particles' current poses (a few per chunk and half-set: small tasks, no images). The
+    workers' projector caches keep the references for the E-step that follows."""
+    from cryodask.em.iteration import IterationSetup, expected_accuracy_chunk
+
+    st, m = run.state, run.models
+    setup = IterationSetup(
+        iteration=it, box=run.box, pixel_size=run.apix, pad=float(m[0].pad), current_size=current_size,
+        coarse_size=current_size, reference_paths=[str(Path(r).resolve()) for r in refs],
+        sigma2_noise=np.stack([x.sigma2_noise for x in m]), sigma_offset=[x.sigma_offset for x in m],
+        do_ctf=st.do_ctf_correction, scale=np.stack([x.scale for x in m]) if st.do_scale_correction else None)
+    tasks = [run.client.submit(expected_accuracy_chunk, run.chunk_meta(sl), setup, pure=False)
+             for sl in run.particles.chunk_slices()]
+    total = np.sum(run.client.gather(tasks), axis=0)
+    if total[0, 1] == 0:
+        return st.acc_rot, st.acc_trans
+    return float(total[0, 0] / total[0, 1]), float(total[1, 0] / total[1, 1])
+
+
+def _stalled(st) -> bool:
+    return st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1
+
+
+def _check_convergence(st) -> None:
+    """RELION's ``checkConvergence``, from the counters of the last iteration: converged once resolution and
+    hidden variables stall at a sampling already marked fine enough; then (or after ``--iter``) the final
+    iteration with joined half-sets. Done at the start of an iteration rather than the end of the last one,
+    so that the last one's files hold the sampling it used, as RELION's, and a continued run decides the
+    same way."""
     if st.iteration < 1 or st.do_join_random_halves:
         return
-    stalled = st.nr_iter_wo_resol_gain >= 1 and st.nr_iter_wo_large_hidden_variable_changes >= 1
-    if stalled and st.has_fine_enough_angular_sampling:
+    if _stalled(st) and st.has_fine_enough_angular_sampling:
         st.has_converged = True
-    elif stalled:
+    if st.has_converged or st.iteration >= st.n_iterations:
+        st.do_join_random_halves = True
+
+
+def _update_angular_sampling(st, apix: float) -> None:
+    """RELION's ``updateAngularSampling`` at the start of an iteration, with ``st.acc_rot`` / ``st.acc_trans``
+    just estimated against this iteration's references: once resolution and hidden variables stall, the
+    sampling is marked fine enough when its step is below 0.75 × the angular accuracy (convergence then
+    comes at the next stall, so the last order runs one more iteration), else the next HEALPix order.
+    Then a new random perturbation."""
+    from cryodask.geometry.healpix import angular_step, next_random_perturbation
+
+    if st.iteration < 1:
+        return
+    if _stalled(st) and not st.has_converged:
         fine_step = angular_step(st.healpix_order) / 2 ** st.adaptive_oversampling
         if fine_step < 0.75 * st.acc_rot or st.healpix_order >= 7:
             st.has_fine_enough_angular_sampling = True
         else:
             _raise_sampling(st, st.current_changes_optimal_offsets, apix)
-    if st.has_converged or st.iteration >= st.n_iterations:
-        st.do_join_random_halves = True
     st.random_perturbation = next_random_perturbation(
         st.random_perturbation, st.perturbation_factor, iteration_rng_seed(st.random_seed, st.iteration))
 

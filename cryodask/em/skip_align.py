@@ -140,7 +140,7 @@ def skip_align_chunk(images: np.ndarray, meta, setup: SkipAlignSetup):
         bp=[BackProjector.zeros(box, pad=setup.pad, r_max=r_cur) for _ in range(K)],
         sigma2_sum=np.zeros((1, n_opt, nsh)), power_sum=np.zeros((1, n_opt, nsh)),
         pixel_count=np.zeros((1, n_opt, nsh)), n_particles=np.zeros((1, n_opt)), sigma2_offset=np.zeros(1),
-        weight_sum=np.zeros(1), acc_rot=np.zeros(2), acc_trans=np.zeros(2), class_weight=np.zeros(K))
+        weight_sum=np.zeros(1), class_weight=np.zeros(K))
     npix = box * (box // 2 + 1)
     n_per_shell_f = np.bincount(sh_f, minlength=nsh)[:nsh]
     pw = np.abs(M[:, flat_a]) ** 2

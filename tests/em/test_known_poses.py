@@ -58,8 +58,6 @@ def test_halves_from_random_subset(dataset):
 def test_expected_accuracy_stops_at_the_first_angle_over_the_threshold():
     # RELION's calculateExpectedAngularErrors walks the angles up and stops at the first whose change of the
     # expected image exceeds ln 100; the batched walk must return the angle a walk over all of them finds.
-    from types import SimpleNamespace
-
     from scipy.spatial.transform import Rotation
 
     from cryodask.em.iteration import _ANGLE_STEPS, _expected_accuracy
@@ -74,16 +72,14 @@ def test_expected_accuracy_stops_at_the_first_angle_over_the_threshold():
     flat, kx, ky = slice_pixels(box, box // 2 - 1)
     shell = np.round(np.hypot(kx, ky)).astype(np.int64)
     mats = Rotation.random(3, random_state=4).as_matrix()
-    C = np.ones((3, box * (box // 2 + 1)), np.float32)
-    optics = np.zeros(3, np.int64)
-    setup = SimpleNamespace(box=box, pixel_size=2.0)
+    ctf = np.ones(len(flat), np.float32)
     for noise in (1e-6, 1e-4, 1e-3, 1.0):  # sharp to blunt: the angle found moves across the batches of 16
-        sigma2 = np.full((1, box // 2 + 1), noise)
-        ar, _ = _expected_accuracy(proj, np.arange(3), mats, C, sigma2, optics, kx, ky, shell, flat, setup)
+        isg = np.where(shell == 0, 0.0, 1.0 / noise)
+        rng_walk = np.random.default_rng(17)
+        ar = np.mean([_expected_accuracy(proj, mats[i], ctf, isg, kx, ky, rng_walk, box, 2.0)[0] for i in range(3)])
         want = []
-        rng_ref = np.random.default_rng(0 + 17)
+        rng_ref = np.random.default_rng(17)
         for i in range(3):
-            isg = np.where(shell == 0, 0.0, 1.0 / noise)
             p0 = proj.sample(mats[[i]].astype(np.float32), kx, ky)[0]
             axis = rng_ref.standard_normal(3)
             axis /= np.linalg.norm(axis)

@@ -171,6 +171,37 @@ def test_continue_in_local_searches_is_checked_as_a_local_search(small, short_ru
     assert any("order 6 local" in line for line in lines), lines
 
 
+def test_sampling_is_updated_with_accuracies_against_the_iterations_own_references(small, short_run, client,
+                                                                                  tmp_path):
+    """As RELION (calculateExpectedAngularErrors, then updateAngularSampling, at the start of an iteration), a
+    stall before iteration 2 is judged with the accuracy against iteration 2's references (iteration 1's
+    maps). Iteration 1's own accuracy, against the 30 Å start, is ~21°: 0.75 × 21° > the 7.5° fine step of
+    order 1 would call the sampling fine enough and keep order 1; iteration 2's ~9° raises it to order 2."""
+    import re
+    import shutil
+
+    from cryodask.em.state import read_optimiser
+
+    folder, _, _, paths = small
+    for f in (folder / "A").glob("run_it001_*"):
+        shutil.copy(f, tmp_path / f.name)
+    optimiser = tmp_path / "run_it001_optimiser.star"
+    text = optimiser.read_text().replace(str(folder / "A"), str(tmp_path))
+    for label in ("rlnNumberOfIterWithoutResolutionGain", "rlnNumberOfIterWithoutChangingAssignments"):
+        text = re.sub(rf"(_{label}\s+)\d+", r"\g<1>1", text)  # stalled after iteration 1
+    optimiser.write_text(text)
+    state = read_optimiser(optimiser)[0]
+    acc_before = short_run.history[0]["acc_rot"]
+    assert 0.75 * acc_before > 7.5 and not state.has_fine_enough_angular_sampling, acc_before
+    res = refine3d(paths["particles"], tmp_path / "run", None, iter=2, client=client, continue_from=optimiser,
+                   log=None)
+    it2 = res.history[0]
+    assert it2["iteration"] == 2 and it2["acc_rot"] == pytest.approx(short_run.history[1]["acc_rot"])
+    assert 0.75 * it2["acc_rot"] < 7.5, it2["acc_rot"]
+    assert it2["order"] == 2
+    assert int(read_star(tmp_path / "run_it002_sampling.star")["sampling_general"]["rlnHealpixOrder"]) == 2
+
+
 def test_continue_from_a_missing_file_is_a_user_error(small, client):
     from cryodask.errors import UserError
 
@@ -349,26 +380,30 @@ def test_convergence_counters_and_sampling_follow_relions_mpi_run():
     sampling step (what RELION's sequential code reads as) stays at each order twice as long: it counts
     iteration 7's fall from 4.13° to 2.51° as large (0.67 of 3.75°), where RELION's MPI leader, which never
     updates its own sampling, compares with the 7.5° step of order 2 and counts the iteration as stalled."""
-    from cryodask.em.refine3d import _count_stalled_iterations, _start_iteration
+    from cryodask.em.refine3d import _check_convergence, _count_stalled_iterations, _update_angular_sampling
     from cryodask.em.state import OptimiserState
 
     apix = 1.5
     st = OptimiserState(healpix_order=2, healpix_order_original=2, offset_step=2.0, offset_step_original=2.0,
                         offset_range=6.0, psi_step=7.5, auto_local_healpix_order=4, n_iterations=999)
     resolution_before = 30.0  # --ini_high
-    orders, counters = [], []
+    orders, counters, fine_enough = [], [], []
     for it, (order, res, acc_rot, ch_ori, ch_off, wo_res, wo_large) in enumerate(_RELION_AUTO_REFINE, start=1):
         st.iteration = it - 1
-        _start_iteration(st, apix)
+        _check_convergence(st)
         assert not st.do_join_random_halves, f"converged before iteration {it}"
+        st.acc_rot = acc_rot  # estimated at the start of the iteration, before the sampling is updated
+        _update_angular_sampling(st, apix)
         orders.append(st.healpix_order)
+        fine_enough.append(st.has_fine_enough_angular_sampling)
         _count_stalled_iterations(st, 1 / res, 1 / resolution_before, ch_ori, ch_off, apix)
-        st.acc_rot, resolution_before = acc_rot, res
+        resolution_before = res
         counters.append((st.nr_iter_wo_resol_gain, st.nr_iter_wo_large_hidden_variable_changes))
     assert orders == [row[0] for row in _RELION_AUTO_REFINE]
     assert counters == [row[5:] for row in _RELION_AUTO_REFINE]
+    assert fine_enough == [False] * 13 + [True]  # iteration 14: 0.47° < 0.75 × its own 1.172°
     st.iteration = len(_RELION_AUTO_REFINE)
-    _start_iteration(st, apix)
+    _check_convergence(st)
     assert st.has_converged and st.do_join_random_halves
 
 
