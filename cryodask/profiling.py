@@ -57,5 +57,6 @@ def summary(folder: str | os.PathLike[str], pattern: str = "*.prof", *, top: int
     for f in files[1:]:
         stats.add(str(f))
     out.write(f"{len(files)} task profiles from {folder}\n")
+    stats.files = []  # else print_stats heads its table with a line per file
     stats.sort_stats(sort).print_stats(top)
     return out.getvalue()

@@ -518,6 +518,7 @@ def test_profile_option_writes_a_profile_per_chunk_task(tmp_path):
     assert all(f.name.startswith("class2d-estep-") for f in files)
     text = summary(tmp_path / "prof", top=40, sort="cumulative")
     assert text.startswith("6 task profiles") and "expectation_chunk" in text and "mstep_sums" in text
+    assert ".prof" not in text  # the functions, not a line per file
     assert (tmp_path / "run_it002_classes.mrcs").is_file()
     (tmp_path / "afile").write_text("")
     r = subprocess.run([sys.executable, "-m", "cryodask", "class2d", "--i", "p.star", "--o", "run2", "--K", "2",
