@@ -275,7 +275,7 @@ def main(argv=None) -> None:
              "--tau2_fudge", "2", "--psi_step", "10", "--offset_range", "6", "--offset_step", "2", "--dont_combine_weights_via_disc",
              "--pool", "100", "--j", cores, "--flatten_solvent"] + common,
             ["cryodask", "class2d", "--i", str(paths["particles"]), "--o", "C2D/run", "--K", "10", "--iter",
-             str(it or 25), "--psi_step", "10", "--workers", cores, "--j", "1"] + common),
+             str(it or 25), "--psi_step", "10", "--workers", cores, "--j", "1", "--flatten_solvent"] + common),
         "class3d": (
             ["relion_refine", "--i", str(paths["particles"]), "--o", "R3D/run", "--ref", str(tmp / "ref.mrc"),
              "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--tau2_fudge", "4",

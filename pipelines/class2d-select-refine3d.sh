@@ -51,7 +51,7 @@ $CRYODASK import --i "$particles" --o Import/particles.zarr --overwrite
 echo "== class2d: K=$K, $ITER_2D iterations"
 # shellcheck disable=SC2086  # DIAM, EXEC and EXTRA_2D are word lists
 $CRYODASK class2d --i Import/particles.zarr --o Class2D/run --K "$K" --iter "$ITER_2D" --ctf \
-  --zero_mask $DIAM $EXEC $EXTRA_2D
+  --zero_mask --flatten_solvent $DIAM $EXEC $EXTRA_2D
 last=Class2D/run_it$(printf %03d "$ITER_2D")_data.star
 
 echo "== select: classes with >= $MIN_FRACTION of the particles and <= $MAX_RESOLUTION A"

@@ -15,7 +15,7 @@ Examples
 --------
   cryodask simulate --phantom 32 --angpix 4 --n 500 --snr 0.5 --o sim/
   cryodask class2d --i sim/particles.star --o Class2D/run --K 10 --iter 25 --ctf \\
-      --particle_diameter 110 --zero_mask --psi_step 10 --offset_range 5 --offset_step 2
+      --particle_diameter 110 --zero_mask --flatten_solvent --psi_step 10 --offset_range 5 --offset_step 2
   cryodask class2d --i sim/particles.star --o Class2D/run --continue Class2D/run_it010_optimiser.star --iter 25
 """
 
@@ -44,6 +44,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--particle_diameter", type=float, default=-1.0,
                    help="mask diameter in Å (default: the box minus the soft edge)")
     g.add_argument("--zero_mask", action="store_true", help="zeros outside the particle mask (else noise)")
+    g.add_argument("--flatten_solvent", action="store_true",
+                   help="mask the classes with the soft circle of --particle_diameter (RELION's GUI: on)")
     g.add_argument("--ctf", action="store_true", help="CTF-correct")
     g.add_argument("--pad", type=int, default=2, choices=(1, 2), help="padding factor (default 2)")
     g.add_argument("--norm", action="store_true", help="normalisation correction per particle (RELION's GUI: on)")
@@ -63,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
 
     res = class2d(args.i, args.o, K=args.K, iter=args.iter, psi_step=args.psi_step, offset_range=args.offset_range,
                   offset_step=args.offset_step, oversampling=args.oversampling, tau2_fudge=args.tau2_fudge,
-                  particle_diameter=args.particle_diameter, zero_mask=args.zero_mask, ctf=args.ctf, pad=args.pad,
+                  particle_diameter=args.particle_diameter, zero_mask=args.zero_mask,
+                  flatten_solvent=args.flatten_solvent, ctf=args.ctf, pad=args.pad,
                   random_seed=args.random_seed, pool=args.pool, continue_from=args.continue_from, quiet=args.quiet,
                   norm=args.norm, scale=args.scale,
                   command_line=command_line(args, "class2d"), **execution_keywords(vars(args)))

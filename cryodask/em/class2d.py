@@ -14,6 +14,8 @@ Each iteration is one Dask graph (DESIGN §3):
 * a tree reduction of the chunk sums (:func:`cryodask.em.known_poses.tree_reduce`);
 * one reconstruction task per class, in parallel, regularised by τ² = the power spectrum of
   the class's current reference (RELION's classification rule) times ``--tau2_fudge``;
+  with ``--flatten_solvent`` the classes are then masked by the soft circle of
+  ``--particle_diameter`` (RELION's ``solventFlatten``), before τ² is taken from them;
 * on the driver: σ² per optics group, class fractions, per-class prior offsets, σ_offset,
   the resolution (last shell with SSNR ≥ 1 over the classes) and the next image size.
 
@@ -784,8 +786,8 @@ def class2d(particles: Any, o: str | Path, *,
             profile: str | None = None,
             client: Any = None, K: int | None = None, iter: int = 25, psi_step: float = -1.0,
             offset_range: float = 6.0, offset_step: float = 2.0, oversampling: int = 1, tau2_fudge: float = 2.0,
-            particle_diameter: float = -1.0, zero_mask: bool = False, ctf: bool = False, random_seed: int = 0,
-            pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
+            particle_diameter: float = -1.0, zero_mask: bool = False, flatten_solvent: bool = False,
+            ctf: bool = False, random_seed: int = 0, pad: float = 2, incr_size: int = 10, adaptive_fraction: float = 0.999, width_mask_edge: int = 5,
             pool: int | None = None, norm: bool = False, scale: bool = False,
             continue_from: str | Path | None = None, command_line: str = "", log: Any = print,
             quiet: bool = False) -> Class2DResult:
@@ -815,6 +817,10 @@ def class2d(particles: Any, o: str | Path, *,
         Mask diameter in Å; -1: the box minus the soft edge.
     zero_mask
         Zeros outside the mask (else noise).
+    flatten_solvent
+        Multiply the classes by the soft circular mask of ``particle_diameter`` after every M-step
+        (RELION's ``--flatten_solvent``, which its GUI always gives for Class2D): zero outside the
+        particle, and τ² from the masked classes.
     ctf
         CTF-correct.
     random_seed
@@ -855,6 +861,7 @@ def class2d(particles: Any, o: str | Path, *,
         psi_step, offset_range, offset_step = state.psi_step, state.offset_range, state.offset_step
         oversampling, particle_diameter, zero_mask = state.adaptive_oversampling, state.particle_diameter, \
             state.do_zero_mask
+        flatten_solvent = state.do_solvent
         ctf, random_seed, pool, incr_size = state.do_ctf_correction, state.random_seed, state.max_pooled, \
             state.incr_size
         adaptive_fraction, width_mask_edge = state.adaptive_fraction, state.width_mask_edge
@@ -874,7 +881,7 @@ def class2d(particles: Any, o: str | Path, *,
     opts = dict(o=str(o), K=int(K), iter=int(iter), psi_step=10.0 if psi_step == -1 else float(psi_step),
                 offset_range=float(offset_range), offset_step=float(offset_step), oversampling=int(oversampling),
                 tau2_fudge=float(tau2_fudge), particle_diameter=float(particle_diameter), zero_mask=bool(zero_mask),
-                ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
+                flatten_solvent=bool(flatten_solvent), ctf=bool(ctf), random_seed=int(random_seed), pad=float(pad), incr_size=int(incr_size),
                 adaptive_fraction=float(adaptive_fraction), width_mask_edge=int(width_mask_edge),
                 command_line=command_line, pool=pool, quiet=bool(quiet), norm=bool(norm), scale=bool(scale),
                 continue_from=None if continue_from is None else str(continue_from))
@@ -932,6 +939,7 @@ class _Run:
                             do_split_random_halves=False, adaptive_oversampling=opts["oversampling"],
                             adaptive_fraction=opts["adaptive_fraction"], particle_diameter=opts["particle_diameter"],
                             width_mask_edge=opts["width_mask_edge"], do_zero_mask=opts["zero_mask"],
+                            do_solvent=opts["flatten_solvent"],
                             incr_size=opts["incr_size"], do_auto_refine=False, do_ctf_correction=opts["ctf"],
                             max_pooled=int(opts["pool"] or getattr(particles, "chunk", 1) or 1),
                             psi_step=opts["psi_step"], psi_step_original=opts["psi_step"],
@@ -1206,6 +1214,9 @@ class _Run:
             m.sigma2_noise[g] = np.where(npix > 0, new, m.sigma2_noise[g])
         m.tau2 = self.tau2.copy()
         images_new = np.stack([r[0] for r in rec]).astype(np.float32)
+        if o["flatten_solvent"]:  # RELION's solventFlatten: after the M-step, before τ² is taken from the classes
+            images_new *= _soft_circle(self.box, o["particle_diameter"] / (2.0 * self.apix),
+                                       o["width_mask_edge"]).astype(np.float32)
         m.data_vs_prior = np.stack([r[1] for r in rec])
         res_shell = np.array([_last_shell_ssnr(d) for d in m.data_vs_prior])
         res_shell = np.maximum(res_shell, 1)

@@ -255,14 +255,15 @@ def test_two_pass_finds_the_single_pass_optimum(tmp_path):
 
 
 def test_class2d_continue_equals_uninterrupted(tmp_path, monkeypatch):
-    """Stopped after iteration 2 and continued to 3, a run ends with the classes and assignments of a run of 3."""
+    """Stopped after iteration 2 and continued to 3, a run ends with the classes and assignments of a run of 3;
+    --flatten_solvent carries over (the classes are zero beyond the mask's soft edge in both)."""
     from cryodask.cluster.local import local_client
     from cryodask.em.class2d import class2d
 
     _simulate(tmp_path, n=80, seed=5)
     monkeypatch.chdir(tmp_path)
     kw = dict(psi_step=30, offset_range=2, offset_step=1, oversampling=1, particle_diameter=110, zero_mask=True,
-              ctf=True, pool=40, random_seed=3, norm=True, scale=True, log=None)
+              flatten_solvent=True, ctf=True, pool=40, random_seed=3, norm=True, scale=True, log=None)
     with local_client(1) as client:
         full = class2d("p.star", tmp_path / "a" / "run", K=3, iter=3, client=client, **kw)
         class2d("p.star", tmp_path / "b" / "run", K=3, iter=2, client=client, **kw)
@@ -276,6 +277,10 @@ def test_class2d_continue_equals_uninterrupted(tmp_path, monkeypatch):
     assert np.array_equal(cont.data["rlnClassNumber"].to_numpy(), full.data["rlnClassNumber"].to_numpy())
     assert np.allclose(cont.class_fractions, full.class_fractions, atol=1e-4)
     assert np.abs(other.classes - full.classes).max() > 0.05 * scale
+    r = np.hypot(*np.meshgrid(np.arange(BOX) - BOX // 2, np.arange(BOX) - BOX // 2, indexing="ij"))
+    outside = r > 110 / (2 * APIX) + 5  # the mask's radius plus its 5-pixel soft edge
+    for res in (full, cont):
+        assert np.abs(res.classes[:, outside]).max() == 0 and np.abs(res.classes[:, r < 10]).max() > 0.1 * scale
     # --norm carries over through the files (the per-particle values and their average)
     # (the files hold 7 digits: a fine-pass sample at the edge of a particle's significant set can fall on
     # either side in the two runs, which moves that particle's norm by ~1e-4; the rest agree to ~1e-7)
