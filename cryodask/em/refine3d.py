@@ -722,11 +722,15 @@ def _image_size(run: _Run, it: int, final: bool) -> int:
     return size - size % 2
 
 
+ACCURACY_PARTICLES = 100  # per half-set: RELION averages its accuracies over 100 particles in 3D
+
+
 def _expected_accuracies(run: _Run, it: int, refs: list[str], current_size: int) -> tuple[float, float]:
     """RELION's ``calculateExpectedAngularErrors`` at the start of an iteration: the mean smallest rotation (°)
     and shift (Å) that change a particle's expected image significantly, against the iteration's references
-    and σ² at the particles' current poses (a few per chunk and half-set: small tasks, no images). The
-    workers' projector caches keep the references for the E-step that follows."""
+    and σ² at the particles' current poses: the first few particles per half-set of the first chunks, about
+    ``ACCURACY_PARTICLES`` per half-set in all (small tasks, no images). The workers' projector caches keep
+    the references for the E-step that follows."""
     from cryodask.em.iteration import IterationSetup, expected_accuracy_chunk
 
     st, m = run.state, run.models
@@ -735,8 +739,9 @@ def _expected_accuracies(run: _Run, it: int, refs: list[str], current_size: int)
         coarse_size=current_size, reference_paths=[str(Path(r).resolve()) for r in refs],
         sigma2_noise=np.stack([x.sigma2_noise for x in m]), sigma_offset=[x.sigma_offset for x in m],
         do_ctf=st.do_ctf_correction, scale=np.stack([x.scale for x in m]) if st.do_scale_correction else None)
+    n_chunks = -(-ACCURACY_PARTICLES // setup.n_acc_particles)
     tasks = [run.client.submit(expected_accuracy_chunk, run.chunk_meta(sl), setup, pure=False)
-             for sl in run.particles.chunk_slices()]
+             for sl in list(run.particles.chunk_slices())[:n_chunks]]
     total = np.sum(run.client.gather(tasks), axis=0)
     if total[0, 1] == 0:
         return st.acc_rot, st.acc_trans
