@@ -216,6 +216,32 @@ def _view_spread(data_star: Path, truth_directions: np.ndarray) -> float:
     return float(total / n)
 
 
+# how each program is told where and how to run, which need not match; everything else must
+_EXECUTION = {"relion": {"--o", "--j", "--pool", "--dont_combine_weights_via_disc", "--auto_refine",
+                         "--split_random_halves"},
+              "cryodask": {"--o", "--workers", "--j"}}
+
+
+def _options(cmd: list[str], skip: set[str]) -> dict[str, str]:
+    start = next(i for i, w in enumerate(cmd) if w in ("relion_refine", "relion_refine_mpi", "cryodask"))
+    words = cmd[start + 1:]
+    out = {}
+    for i, w in enumerate(words):
+        if w.startswith("--") and w not in skip:
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            out[w] = "" if nxt.startswith("--") else nxt
+    return out
+
+
+def _check_matching(job: str, relion: list[str], ours: list[str]) -> None:
+    """Both programs get the same options (RELION's names), apart from how they run: a figure from
+    differently configured runs compares nothing."""
+    a, b = _options(relion, _EXECUTION["relion"]), _options(ours, _EXECUTION["cryodask"])
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))
+        raise SystemExit(f"vs_relion: the {job} command lines differ in {diff}: give both programs the same options")
+
+
 def _last(folder: Path, pattern: str) -> Path | None:
     files = sorted(folder.glob(pattern))
     return files[-1] if files else None
@@ -275,15 +301,16 @@ def main(argv=None) -> None:
              "--tau2_fudge", "2", "--psi_step", "10", "--offset_range", "6", "--offset_step", "2", "--dont_combine_weights_via_disc",
              "--pool", "100", "--j", cores, "--flatten_solvent"] + common,
             ["cryodask", "class2d", "--i", str(paths["particles"]), "--o", "C2D/run", "--K", "10", "--iter",
-             str(it or 25), "--psi_step", "10", "--workers", cores, "--j", "1", "--flatten_solvent"] + common),
+             str(it or 25), "--tau2_fudge", "2", "--psi_step", "10", "--offset_range", "6", "--offset_step", "2",
+             "--workers", cores, "--j", "1", "--flatten_solvent"] + common),
         "class3d": (
             ["relion_refine", "--i", str(paths["particles"]), "--o", "R3D/run", "--ref", str(tmp / "ref.mrc"),
              "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--tau2_fudge", "4",
              "--firstiter_cc", "--dont_combine_weights_via_disc", "--pool", "100", "--j", cores, "--flatten_solvent"]
             + common,
             ["cryodask", "class3d", "--i", str(paths["particles"]), "--o", "C3D/run", "--ref", str(tmp / "ref.mrc"),
-             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--workers", cores, "--j", "1",
-             "--flatten_solvent"] + common),
+             "--K", "2", "--iter", str(it or 25), "--ini_high", "30", "--healpix_order", "2", "--tau2_fudge", "4",
+             "--firstiter_cc", "--workers", cores, "--j", "1", "--flatten_solvent"] + common),
         "refine3d": (
             ["mpirun", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--i", str(paths["particles"]), "--o",
              "RR/run", "--ref", str(tmp / "ref.mrc"), "--auto_refine", "--split_random_halves", "--ini_high", "30",
@@ -295,6 +322,8 @@ def main(argv=None) -> None:
              "--low_resol_join_halves", "40", "--firstiter_cc", "--workers", cores, "--j", "1", "--flatten_solvent"]
             + (["--iter", str(it)] if it else []) + common),
     }
+    for job, (rel_cmd, cd_cmd) in jobs.items():
+        _check_matching(job, rel_cmd, cd_cmd)
     if shutil.which("relion_refine") is None:
         print("relion_refine not found: install Debian's relion package")
     rows = []
