@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         doc = (module.__doc__ or name).strip()
         summary = doc.splitlines()[0]
-        p = sub.add_parser(name, help=summary, description=doc,
+        # options by their whole names, as RELION's: an abbreviation could take another job's option
+        # (estimate reads a job's command line: --o is not --offset_range)
+        p = sub.add_parser(name, help=summary, description=doc, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_args(p)
         p.set_defaults(_main=module.main)
@@ -77,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cryodask``; returns the exit status (2 for user errors, without a traceback)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     try:
+        if extra:  # only a command that takes another's options (estimate: the job's) accepts more
+            accept = getattr(_load(args.command), "accept_extra", None)
+            if accept is None:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            accept(args, extra)
         status = args._main(args)
     except UserError as exc:
         print(f"cryodask: error: {exc}", file=sys.stderr)

@@ -8,7 +8,10 @@ scratch disk for the particle store. Picks the largest chunk (particles per task
 --memory_per_worker, and refuses, naming the fix (--pad 1, a smaller box, fewer classes,
 more memory per worker), when even one particle per task cannot fit.
 
-Give the particles (--i, box and count read from them) or the sizes (--box, --n_particles).
+Give the particles (--i, box and count read from them) or the sizes (--box, --n_particles). The
+job's own command line works as it is: put ``estimate`` before the job's name; its options that do
+not change the memory (--o, --ctf, --iter ...) are checked against the job and listed as ignored,
+and its --j is the threads per worker.
 
 Examples
 --------
@@ -16,6 +19,7 @@ Examples
   cryodask estimate class3d --box 256 --n_particles 100000 --K 4 --memory_per_worker 16G
   cryodask estimate --job class2d --box 128 --n_particles 50000 --K 50 --psi_step 10
   cryodask estimate refine3d --box 360 --n_particles 200000 --memory_per_worker 8G   # refused: use --pad 1 ...
+  cryodask estimate class2d --i particles.star --o Class2D/run --K 50 --ctf --zero_mask --flatten_solvent
 """
 
 from __future__ import annotations
@@ -60,10 +64,35 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("the workers")
     g.add_argument("--memory_per_worker", type=_bytes, default=None, metavar="SIZE",
                    help="memory limit of one worker, e.g. 16G (default: this machine's memory / cores × threads)")
-    g.add_argument("--threads", type=int, default=1, help="threads (chunk tasks at once) per worker (default 1)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads (chunk tasks at once) per worker (default: the job's --j, else 1)")
     g.add_argument("--significant_fraction", type=float, default=0.1,
                    help="fraction of the coarse orientations in a chunk's fine pass (default 0.1; 1 = worst case)")
     g.add_argument("--float16", action="store_true", help="the particle store holds float16 images")
+
+
+def accept_extra(args: argparse.Namespace, extra: list[str]) -> None:
+    """The job's options beyond those that size the memory: valid options of that job (else the job's own
+    error), kept to be listed as ignored; its ``--j`` sets the threads per worker."""
+    import importlib
+
+    from cryodask.errors import UserError
+
+    job = args.job or args.job_name
+    if job is None:
+        raise UserError("JOB", f"name the job before its options: cryodask estimate refine3d ... ({', '.join(JOBS)})")
+    parser = argparse.ArgumentParser(prog=f"cryodask estimate {job}", add_help=False)
+    importlib.import_module(f"cryodask.cli.{job}").add_args(parser)
+    for action in parser._actions:  # --i and --o belong to the job's run, not to its size
+        action.required = False
+    ns, unknown = parser.parse_known_args(extra)
+    if unknown:
+        raise UserError(unknown[0], f"not an option of cryodask {job}: {' '.join(unknown)}")
+    if getattr(ns, "j", None) and args.threads is None:
+        args.threads = int(ns.j)
+        extra = [w for i, w in enumerate(extra)
+                 if not (w == "--j" or w.startswith("--j=") or (i > 0 and extra[i - 1] == "--j"))]
+    args.ignored = extra
 
 
 def _data_sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -91,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("JOB", f"name the job: cryodask estimate refine3d ... (one of {', '.join(JOBS)})")
     if args.job and args.job_name and args.job != args.job_name:
         raise UserError("--job", f"two jobs given ({args.job_name} and --job {args.job}); give one")
+    args.threads = args.threads or 1
     box, n = _data_sizes(args)
     K = args.K if args.K is not None else {"refine3d": 1, "class3d": 2, "class2d": 50}[job]
     est = estimate(job, box=box, n_particles=n, K=K, pad=args.pad, healpix_order=args.healpix_order,
@@ -105,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"cryodask estimate: {job}, {n} particles of {box} px, K {K}, pad {args.pad}, "
           f"{est.n_orientations} orientations x {est.n_translations} translations (coarse), "
           f"oversampling {est.oversampling}, current_size {est.current_size}")
+    if getattr(args, "ignored", None):
+        print(f"options of {job} that do not change the memory (ignored): {' '.join(args.ignored)}")
     print(f"worker memory limit: {fb(limit)} ({args.threads} thread(s)); usable {fb(pf.usable)}")
     print(f"chunk: {pf.chunk} particles per task (at most {pf.max_chunk} fit)")
     print(f"E-step peak per worker: {fb(pf.e_step_peak)}  (one task of {pf.chunk} particles: "

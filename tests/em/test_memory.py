@@ -138,3 +138,23 @@ def test_cli_prints_and_refuses(capsys):
     assert "cryodask: error: memory:" in err and "--pad 1" in err
     assert main(["estimate", "class3d"]) == 2  # no data given
     assert "--i" in capsys.readouterr().err
+
+
+def test_cli_takes_the_jobs_own_command_line(capsys):
+    """`cryodask estimate` before a job's command line: the options that size the memory are read, the job's
+    other options are checked against the job and listed as ignored, its --j sets the threads per worker."""
+    from cryodask.cli import main
+
+    job = ["class2d", "--box", "64", "--n_particles", "3000", "--o", "Class2D/run", "--K", "10", "--iter", "5",
+           "--psi_step", "10", "--ctf", "--zero_mask", "--flatten_solvent", "--particle_diameter", "154"]
+    assert main(["estimate"] + job + ["--j", "2", "--memory_per_worker", "4G"]) == 0
+    out = capsys.readouterr().out
+    assert "ignored): --o Class2D/run --iter 5 --ctf --zero_mask --flatten_solvent --particle_diameter 154" in out
+    assert "(2 thread(s))" in out and "K 10" in out and "36 orientations" in out  # 360° / psi step 10
+    assert main(["estimate"] + job + ["--healpix_order", "3", "--tau2_fudge", "2"]) == 0  # class2d takes tau2_fudge
+    capsys.readouterr()
+    assert main(["estimate"] + job + ["--sigma_ang", "3"]) == 2  # not an option of class2d
+    err = capsys.readouterr().err.strip()
+    assert err == "cryodask: error: --sigma_ang: not an option of cryodask class2d: --sigma_ang 3", err
+    with pytest.raises(SystemExit):  # other commands take no unknown options, as before
+        main(["simulate", "--bogus"])
