@@ -72,17 +72,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def accept_extra(args: argparse.Namespace, extra: list[str]) -> None:
-    """The job's options beyond those that size the memory: valid options of that job (else the job's own
+    """The job's options beyond those that size the memory: valid options of that job (else a one-line
     error), kept to be listed as ignored; its ``--j`` sets the threads per worker."""
-    import importlib
-
+    from cryodask.cli import _load
     from cryodask.errors import UserError
 
     job = args.job or args.job_name
     if job is None:
         raise UserError("JOB", f"name the job before its options: cryodask estimate refine3d ... ({', '.join(JOBS)})")
     parser = argparse.ArgumentParser(prog=f"cryodask estimate {job}", add_help=False)
-    importlib.import_module(f"cryodask.cli.{job}").add_args(parser)
+    _load(job).add_args(parser)
     for action in parser._actions:  # --i and --o belong to the job's run, not to its size
         action.required = False
     ns, unknown = parser.parse_known_args(extra)
